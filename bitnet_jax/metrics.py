@@ -1,0 +1,149 @@
+"""TensorBoard scalars with a one-step-behind host fetch, throughput and MFU.
+
+The train loop dispatches step s, then hands step s's device metrics to ``StepMetrics.push``, which
+fetches and writes step s-1's values: by then they are ready (or nearly), so logging never stalls the
+accelerator. The wall time between two consecutive fetches is the device's step time once the host
+runs ahead of the device.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (SXM parts).
+PEAK_FLOPS_BF16 = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+}
+
+
+def device_peak_flops(device: jax.Device | None = None) -> float | None:
+    """Dense bf16 peak of a known GPU kind, else None (MFU is then omitted)."""
+    kind = (device or jax.devices()[0]).device_kind.upper()
+    for name, peak in PEAK_FLOPS_BF16.items():
+        if name in kind:
+            return peak
+    return None
+
+
+class TensorBoard:
+    """A thin tensorboardX writer; tags are DESIGN's (``train/loss``, ``eval/loss``, ...)."""
+
+    def __init__(self, log_dir: Path, enabled: bool = True):
+        self._writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(str(log_dir), flush_secs=10, max_queue=1000)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is None:
+            return
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, float(value), step)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self._writer is not None:
+            self._writer.add_text(tag, text, step)
+
+    def histogram(self, step: int, tag: str, values: np.ndarray) -> None:
+        if self._writer is not None:
+            self._writer.add_histogram(tag, values, step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+class StepMetrics:
+    """Per-step scalars fetched one step behind; keeps the recent history hooks need."""
+
+    def __init__(self, tb: TensorBoard, *, tokens_per_step: int, flops_per_token: float,
+                 peak_flops_total: float | None, progress=None, window: int = 1000):
+        self.tb = tb
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak_flops_total = peak_flops_total
+        self.progress = progress
+        self._pending: tuple[int, Any] | None = None
+        self._last_fetch: float | None = None
+        self.losses = collections.deque(maxlen=window)  # (step, loss) of recent steps
+        self.step_times_ms = collections.deque(maxlen=100)
+        self.last: dict[str, float] = {}
+        self.listeners: list = []  # callables(step, host_metrics) run after each fetch (anomaly checks)
+
+    def start_clock(self) -> None:
+        """Starts the step timer (call right before dispatching the first step)."""
+        self._last_fetch = time.perf_counter()
+
+    def push(self, step: int, device_metrics: dict[str, jax.Array]) -> None:
+        previous, self._pending = self._pending, (step, device_metrics)
+        if previous is not None:
+            self._emit(*previous)
+
+    def flush(self) -> None:
+        """Fetches the pending step now (at sync points: eval, checkpoint, the end)."""
+        if self._pending is not None:
+            previous, self._pending = self._pending, None
+            self._emit(*previous)
+
+    def pause_clock(self) -> float:
+        """Returns the time mark; call ``resume_clock`` with it after periodic work so hook time
+        is not counted as step time."""
+        return time.perf_counter()
+
+    def resume_clock(self, mark: float) -> None:
+        if self._last_fetch is not None:
+            self._last_fetch += time.perf_counter() - mark
+
+    def _emit(self, step: int, device_metrics: dict[str, jax.Array]) -> None:
+        host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        now = time.perf_counter()
+        dt = now - (self._last_fetch if self._last_fetch is not None else now)
+        self._last_fetch = now
+        tokens_per_sec = self.tokens_per_step / dt if dt > 0 else 0.0
+        values = {
+            "train/loss": host["loss"],
+            "train/lr": host["lr"],
+            "train/wd": host["wd"],
+            "train/grad_norm": host["grad_norm"],
+            "train/step_time_ms": dt * 1e3,
+            "train/tokens_per_sec": tokens_per_sec,
+            "train/tokens_seen": step * self.tokens_per_step,
+            "train/stage": host["stage"],
+        }
+        if self.peak_flops_total:
+            values["train/mfu"] = tokens_per_sec * self.flops_per_token / self.peak_flops_total
+        if host.get("skipped"):
+            values["train/skipped_updates"] = host["skipped"]
+        self.tb.scalars(step, values)
+        if math.isfinite(host["loss"]):
+            self.losses.append((step, host["loss"]))
+        self.step_times_ms.append(dt * 1e3)
+        self.last = {"step": step, **host, "tokens_per_sec": tokens_per_sec}
+        for listener in self.listeners:
+            listener(step, host)
+        if self.progress is not None:
+            self.progress.update(step - self.progress.n)
+            self.progress.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
+                                      stage=int(host["stage"]), refresh=False)
+
+    def mean_loss_since(self, step: int) -> float | None:
+        """Mean train loss over steps after ``step`` (the window of an eval)."""
+        vals = [loss for s, loss in self.losses if s > step]
+        return float(np.mean(vals)) if vals else None
+
+    def median_step_ms(self) -> float | None:
+        return float(np.median(self.step_times_ms)) if self.step_times_ms else None

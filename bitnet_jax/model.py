@@ -1,0 +1,228 @@
+"""BitNet b1.58 decoder in Flax NNX, laid out like transformers' ``BitNetForCausalLM``.
+
+Module and parameter names follow the Hugging Face model (``embed_tokens``, ``layers[i].self_attn.q_proj``,
+``attn_sub_norm``, ``mlp.ffn_sub_norm``, ``input_layernorm``, ``post_attention_layernorm``, ``norm``)
+so that ``hf_state_dict`` maps a checkpoint to it one to one. One difference: our linear weights are
+stored ``[in, out]`` (JAX's ``x @ W``); HF stores ``[out, in]``.
+
+Shapes: B batch, T query length, S key length, D hidden, N query heads, K key/value heads,
+H head dim, F intermediate, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bitnet_jax.config import ModelConfig
+from bitnet_jax.quant import quantize_activation_ste, quantize_weight_ste
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+class KVCache(NamedTuple):
+    """Per-layer key/value buffers for incremental decoding, ``[B, S_max, K, H]`` each."""
+
+    keys: jax.Array
+    values: jax.Array
+
+
+class RMSNorm(nnx.Module):
+    """``x * rsqrt(mean(x^2) + eps) * weight``, in float32, cast back to the compute dtype."""
+
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.weight[...]).astype(self.dtype)
+
+
+class BitLinear(nnx.Module):
+    """Linear layer with ternary weights and int8 per-token activations (straight-through).
+
+    ``y = quant_act(x) @ quant_weight(W)``; the quantizers run in float32, the matmul in the compute
+    dtype with float32 accumulation. No bias (BitNet has none).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, dtype: jnp.dtype, init_std: float,
+                 rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(init_std)
+        self.weight = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xq = quantize_activation_ste(x).astype(self.dtype)
+        wq = quantize_weight_ste(self.weight[...]).astype(self.dtype)
+        y = jnp.dot(xq, wq, preferred_element_type=jnp.float32)
+        return y.astype(self.dtype)
+
+
+def rope_tables(positions_BxT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin ``[B, T, H]`` for the ``rotate_half`` convention (frequencies repeated over both halves)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
+    x = x_BxTxNxH.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos_BxTxH[:, :, None, :], sin_BxTxH[:, :, None, :]
+    return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
+
+
+def _attention_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS) -> jax.Array:
+    """Plain attention with float32 softmax; grouped-query heads share K/V without copies."""
+    b, t, n, h = q_BxTxNxH.shape
+    kv = k_BxSxKxH.shape[2]
+    q = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH, preferred_element_type=jnp.float32)
+    scores = scores * (h ** -0.5)
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q_BxTxNxH.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dt, std = _dtype(cfg.compute_dtype), cfg.initializer_range
+        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = BitLinear(d, n * h, dtype=dt, init_std=std, rngs=rngs)
+        self.k_proj = BitLinear(d, k * h, dtype=dt, init_std=std, rngs=rngs)
+        self.v_proj = BitLinear(d, k * h, dtype=dt, init_std=std, rngs=rngs)
+        self.o_proj = BitLinear(n * h, d, dtype=dt, init_std=std, rngs=rngs)
+        self.attn_sub_norm = RMSNorm(d, cfg.rms_norm_eps, dt)
+        self.num_heads, self.kv_heads, self.head_dim = n, k, h
+        self.rope_theta = cfg.rope_theta
+        self.implementation = cfg.attention
+        self.dtype = dt
+
+    def _use_cudnn(self) -> bool:
+        if self.implementation == "cudnn":
+            return True
+        return (self.implementation == "auto" and self.dtype == jnp.bfloat16
+                and jax.default_backend() == "gpu")
+
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+                 cache: KVCache | None = None, cache_index: jax.Array | None = None):
+        b, t, _ = x_BxTxD.shape
+        q = self.q_proj(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
+        cos, sin = rope_tables(positions_BxT, self.head_dim, self.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is None:
+            if self._use_cudnn():
+                out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+            else:
+                causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+                out = _attention_xla(q, k, v, causal)
+            new_cache = None
+        else:
+            # Write this chunk's keys at cache_index, attend to every filled position up to each query.
+            keys = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), (0, cache_index, 0, 0))
+            values = jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), (0, cache_index, 0, 0))
+            key_pos = jnp.arange(keys.shape[1])
+            mask = key_pos[None, None, :] <= positions_BxT[:, :, None]
+            out = _attention_xla(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
+            new_cache = KVCache(keys, values)
+
+        out = self.attn_sub_norm(out.reshape(b, t, self.num_heads * self.head_dim))
+        return self.o_proj(out), new_cache
+
+
+class MLP(nnx.Module):
+    """Gated MLP: ``down(ffn_sub_norm(act(gate(x)) * up(x)))`` with act relu2 (ReLU squared) or silu."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dt, std = _dtype(cfg.compute_dtype), cfg.initializer_range
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = BitLinear(d, f, dtype=dt, init_std=std, rngs=rngs)
+        self.up_proj = BitLinear(d, f, dtype=dt, init_std=std, rngs=rngs)
+        self.down_proj = BitLinear(f, d, dtype=dt, init_std=std, rngs=rngs)
+        self.ffn_sub_norm = RMSNorm(f, cfg.rms_norm_eps, dt)
+        self.hidden_act = cfg.hidden_act
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        gate = self.gate_proj(x_BxTxD)
+        act = jnp.square(jax.nn.relu(gate)) if self.hidden_act == "relu2" else jax.nn.silu(gate)
+        return self.down_proj(self.ffn_sub_norm(act * self.up_proj(x_BxTxD)))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dt = _dtype(cfg.compute_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_BxTxD, positions_BxT, cache=None, cache_index=None):
+        attn, cache = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT, cache, cache_index)
+        x_BxTxD = x_BxTxD + attn
+        x_BxTxD = x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+        return x_BxTxD, cache
+
+
+class BitNetLM(nnx.Module):
+    """Decoder-only BitNet b1.58 LM with a tied, full-precision embedding / LM head."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = _dtype(cfg.compute_dtype)
+        init = jax.nn.initializers.normal(cfg.initializer_range)
+        self.embed_tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32))
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype)
+
+    def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
+                 caches: list[KVCache] | None = None, cache_index: jax.Array | None = None):
+        """Returns float32 logits ``[B, T, V]``; with ``caches``, also the updated caches."""
+        b, t = tokens_BxT.shape
+        if positions_BxT is None:
+            start = 0 if cache_index is None else cache_index
+            positions_BxT = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        embed = self.embed_tokens[...]
+        x = jnp.take(embed, tokens_BxT, axis=0).astype(self.dtype)
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, positions_BxT, None if caches is None else caches[i], cache_index)
+            new_caches.append(c)
+        x = self.norm(x)
+        # The tied head stays full precision: logits in float32 whatever the compute dtype.
+        logits = jnp.dot(x, embed.T.astype(self.dtype), preferred_element_type=jnp.float32)
+        return logits if caches is None else (logits, new_caches)
+
+    def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        cfg = self.config
+        shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
+        return [KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+                for _ in range(cfg.num_hidden_layers)]
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Exact parameter count (tied embeddings counted once), without building the model."""
+    d, f, v, h = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    attn = d * cfg.num_attention_heads * h * 2 + d * cfg.kv_heads * h * 2 + d  # q,o + k,v + sub-norm
+    mlp = 3 * d * f + f
+    layer = attn + mlp + 2 * d
+    return v * d + cfg.num_hidden_layers * layer + d
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token, ``6 N + 12 L d T`` (PaLM appendix B / nanoGPT), N without embeddings
+    counted once as matmul weights (the tied head is a matmul, the lookup is not)."""
+    return 6 * count_params(cfg) + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len

@@ -1,0 +1,37 @@
+"""Shared test setup: offline hub, CPU JAX, and the location of the shared real data."""
+
+import os
+from pathlib import Path
+
+# Nothing in the tests may reach the Hugging Face hub; these must be set before the libraries load.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """``$BITNET_TEST_DATA`` or ``../shared/data`` beside the repository, if present."""
+    env = os.environ.get("BITNET_TEST_DATA")
+    for candidate in ([Path(env)] if env else []) + [REPO_ROOT.parent / "shared" / "data"]:
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("shared test data not found: set BITNET_TEST_DATA or place it at ../shared/data")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_dir(shared_data) -> Path:
+    return shared_data / "llama2_tokenizer"
