@@ -1,0 +1,70 @@
+"""End-to-end runs of train.py in a subprocess: dry run, a short real run read back from TensorBoard."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT = ["--set", "train.steps=24", "--set", "optim.warmup_steps=4", "--set", "eval.every=12",
+         "--set", "train.batch_size=8", "--set", "train.seq_len=64", "--set", "log.progress=false"]
+
+
+def run_train(*args, cwd=REPO, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_dry_run_of_the_95m_config():
+    out = run_train("--config", "configs/bitnet_95m.yaml", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "parameters:        95,401,728" in out.stdout
+    assert "1,966,080,000 (1.97B)" in out.stdout
+    assert "685.7 MFLOP" in out.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "train.stepz=3"], "unknown config key train.stepz"),
+    (["--set", "model.hidden_size=130"], "divisible by model.num_attention_heads"),
+    (["--set", "train.seq_len=1024"], "above model.max_position_embeddings"),
+])
+def test_bad_config_exits_2_before_compute(tmp_path, args, message):
+    out = run_train("--config", "configs/tiny.yaml", "--runs-dir", str(tmp_path), *args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert not any(tmp_path.iterdir())  # nothing was created
+
+
+@pytest.mark.slow
+def test_short_run_writes_config_and_every_step_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = run_train("--config", "configs/tiny.yaml", "--runs-dir", str(tmp_path), "--run-id", "r", *SHORT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "r"
+    assert f"run directory: {run}" in out.stdout
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["train"]["steps"] == 24 and cfg["name"] == "tiny"
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/wd", "train/grad_norm", "train/step_time_ms",
+                "train/tokens_per_sec", "train/tokens_seen", "train/stage", "eval/loss",
+                "eval/perplexity", "eval/train_eval_gap"):
+        assert tag in tags, tag
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 25))
+    seen = {e.step: e.value for e in acc.Scalars("train/tokens_seen")}
+    assert seen[24] == 24 * 8 * 64
+    lr = {e.step: e.value for e in acc.Scalars("train/lr")}
+    assert lr[1] == 0.0 and lr[5] == pytest.approx(4e-3)  # warm-up 4: lr(update 4) is the peak
+    stage = {e.step: e.value for e in acc.Scalars("train/stage")}
+    assert stage[12] == 1 and stage[13] == 2  # the update made at count 12 is stage 2
+    assert [e.step for e in acc.Scalars("eval/loss")] == [12, 24]
+    assert np.mean([e.value for e in loss[-6:]]) < loss[0].value
