@@ -54,6 +54,9 @@ class TrainConfig:
     seed: int = 0
     grad_accum: int = 1  # micro-batches per update (lax.scan); batch_size must divide by it
     on_nan: Literal["skip", "halt"] = "skip"  # non-finite loss/gradients: skip the update or stop
+    # Testing the NaN path: at this step one token id of the batch is made out-of-vocabulary, so the
+    # loss is NaN (0: off). See anomaly.poison_if_due.
+    debug_poison_step: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -122,7 +125,10 @@ class LogConfig:
     peak_flops: Optional[float] = None  # per device, FLOP/s; None: looked up from the device kind
     spike_window: int = 100  # steps of history for loss / grad-norm spike z-scores
     spike_zscore: float = 6.0
-    progress: bool = True
+    entropy_floor: float = 0.5  # nats; a typical-mode sample below it is an entropy_collapse anomaly
+    repetition_max: float = 0.5  # share of repeated 4-grams in a typical-mode sample; above: repetition
+    anomaly_dumps_max: int = 50  # anomalies/ folders written at most (events past it go to TensorBoard only)
+    progress: bool = True  # tqdm bar on stderr (shown only when stderr is a terminal)
 
 
 @dataclasses.dataclass(slots=True)
@@ -363,6 +369,21 @@ def validate(cfg: Config) -> None:
                        ("log.samples_every", cfg.log.samples_every)):
         if value < 0:
             raise ConfigError(f"{key} must be >= 0 (0 disables), got {value}")
+    lg = cfg.log
+    if lg.spike_window < 2:
+        raise ConfigError(f"log.spike_window must be >= 2 steps of history, got {lg.spike_window}")
+    _positive("log.spike_zscore", lg.spike_zscore)
+    _positive("log.max_new_tokens", lg.max_new_tokens)
+    if lg.peak_flops is not None:
+        _positive("log.peak_flops", lg.peak_flops)
+    if not 0.0 <= lg.repetition_max <= 1.0:
+        raise ConfigError(f"log.repetition_max is a share of 4-grams in [0, 1], got {lg.repetition_max}")
+    if lg.entropy_floor < 0 or lg.anomaly_dumps_max < 0:
+        raise ConfigError("log.entropy_floor and log.anomaly_dumps_max must be >= 0")
+    if any(not p.strip() for p in lg.prompts):
+        raise ConfigError("log.prompts holds an empty prompt; give text for each, or [] for no samples")
+    if t.debug_poison_step < 0:
+        raise ConfigError(f"train.debug_poison_step must be >= 0 (0: off), got {t.debug_poison_step}")
     if cfg.mesh.fsdp < 1 or cfg.mesh.data == 0 or cfg.mesh.data < -1:
         raise ConfigError("mesh.fsdp must be >= 1 and mesh.data >= 1 (or -1 for all remaining devices)")
     if cfg.data.source == "local" and not cfg.data.data_files:

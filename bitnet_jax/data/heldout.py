@@ -1,0 +1,88 @@
+"""The held-out evaluation set, the same definition for every source.
+
+Held out = the first ``data.eval_documents`` documents of the whole stream (epoch 0, before any
+per-process sharding), in stream order. With ``data.eval_documents: null`` (the default) it is
+the smallest number of leading documents whose packed tokens fill ``eval.batches`` global batches.
+Every process computes the same set; training never sees those documents (nor any exact copy of
+one later in the stream: the training stream drops documents by the digest of their text).
+
+Per source that is: ``builtin``: the first pydoc topics in sorted order; ``fineweb_edu``: the first
+rows of the (local or hub) stream; ``wikitext``: the first articles; ``local``: the first
+documents (rows, or paragraphs / lines / files of txt) of the first files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from bitnet_jax.config import Config
+from bitnet_jax.data.documents import DocumentStream, text_digest
+from bitnet_jax.data.errors import DataError
+from bitnet_jax.data.sources import SourceSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    documents: int  # how many leading documents are held out
+    digests: frozenset[bytes]  # their text digests (what training skips)
+    tokens: np.ndarray  # their packed token stream, int32, BOS/EOS included
+    sha256: str  # identity of the set, stored in loader states
+
+    def describe(self) -> dict:
+        return {"documents": self.documents, "tokens": int(self.tokens.shape[0]), "sha256": self.sha256}
+
+
+def eval_tokens_needed(cfg: Config) -> int:
+    """Tokens that ``eval.batches`` global batches of packed rows use."""
+    if cfg.eval.batches <= 0:
+        return 0
+    return cfg.eval.batches * cfg.train.batch_size * cfg.train.seq_len + 1
+
+
+def heldout_set(cfg: Config, tok, spec: SourceSpec) -> HeldOut:
+    """Reads (and tokenizes) the leading documents that form the held-out set.
+
+    Also opens the source and reads its first document even when nothing is held out, so bad data
+    (missing column, empty files, the hub unreachable) fails here, in the caller, before any compute.
+    """
+    need = eval_tokens_needed(cfg)
+    wanted = cfg.data.eval_documents
+    digests: list[bytes] = []
+    arrays: list[np.ndarray] = []
+    have = 0
+    chunk = max(1, min(cfg.data.tokenize_batch, 64))
+    stream = iter(DocumentStream(spec, repeat=False))
+    done = False
+    while not done:
+        texts = []
+        for text, _ in stream:
+            texts.append(text)
+            if len(texts) == chunk:
+                break
+        if not texts:
+            break
+        if wanted == 0 or (wanted is None and need == 0):
+            break  # the first document was read: the source works
+        for text, ids in zip(texts, tok.encode_documents(texts)):
+            digests.append(text_digest(text))
+            arrays.append(ids)
+            have += ids.shape[0]
+            if (len(digests) == wanted) if wanted is not None else (have >= need):
+                done = True
+                break
+    if wanted is not None and len(digests) < wanted:
+        raise DataError(f"data.eval_documents={wanted} but the dataset has only {len(digests)} documents, "
+                        "leaving nothing to train on; lower data.eval_documents")
+    if have < need:
+        hint = ("raise data.eval_documents or set it to null (auto)" if wanted is not None
+                else "the dataset is too small for that; use more data")
+        raise DataError(
+            f"the held-out documents ({len(digests)}) hold {have} tokens but evaluation needs {need} "
+            f"(eval.batches {cfg.eval.batches} x train.batch_size {cfg.train.batch_size} x train.seq_len "
+            f"{cfg.train.seq_len} + 1); lower eval.batches, or {hint}")
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+    ident = hashlib.sha256(b"".join(digests)).hexdigest()
+    return HeldOut(len(digests), frozenset(digests), tokens, ident)

@@ -1,0 +1,238 @@
+"""The training loader and eval batches: shapes, values, exact resume, held-out, processes, errors."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from bitnet_jax.config import Config, ConfigError, DataConfig, EvalConfig, ModelConfig, TokenizerConfig, TrainConfig
+from bitnet_jax.data import DataError, build_eval_batches, build_train_loader, load_tokenizer
+from bitnet_jax.data.documents import DocumentStream
+from bitnet_jax.data.make_fineweb_fixture import write_fixture
+from bitnet_jax.data.sources import source_spec
+
+
+@pytest.fixture(scope="module")
+def llama(llama_tokenizer_dir):
+    return load_tokenizer(TokenizerConfig(name_or_path=str(llama_tokenizer_dir)))
+
+
+@pytest.fixture(scope="module")
+def fineweb_shards(shared_data, tmp_path_factory):
+    """Four FineWeb-Edu-shaped parquet files of 2 documents each (6771 LLaMA-2 tokens with BOS/EOS)."""
+    out = tmp_path_factory.mktemp("fineweb") / "fw.parquet"
+    csv_path = shared_data / "fineweb_edu_text_sample" / "training_data.csv"
+    return write_fixture(out, csv_path=csv_path, shards=4, rows=8, row_group_size=1)
+
+
+def _config(data: DataConfig, *, batch=8, seq_len=64, eval_batches=1, vocab=32000) -> Config:
+    return Config(model=ModelConfig(vocab_size=vocab, max_position_embeddings=512),
+                  train=TrainConfig(batch_size=batch, seq_len=seq_len),
+                  data=data, eval=EvalConfig(batches=eval_batches))
+
+
+def _take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def _shard_indices(state) -> set:
+    """Every ``shard_idx`` inside a (nested) datasets state: which file the stream is in."""
+    found = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("shard_idx"), int):
+                found.add(node["shard_idx"])
+            for v in node.values():
+                walk(v)
+    walk(state)
+    return found
+
+
+def test_builtin_batches_have_the_promised_shape_and_start_with_bos():
+    cfg = Config(data=DataConfig(source="builtin"))
+    tok = load_tokenizer(cfg.tokenizer)
+    with build_train_loader(cfg, tok) as loader:
+        batch = next(loader)
+        assert batch.shape == (cfg.train.batch_size, cfg.train.seq_len + 1) and batch.dtype == np.int32
+        assert batch[0, 0] == tok.bos_id
+        # rows overlap by one token: the last token of a row is the first of the next
+        np.testing.assert_array_equal(batch[:-1, -1], batch[1:, 0])
+        second = next(loader)
+        assert second[0, 0] == batch[-1, -1]
+        assert loader.state_dict()["batches"] == 2
+        json.dumps(loader.state_dict())
+
+
+def test_resume_after_7_batches_gives_the_same_next_5_across_files_and_the_wrap(fineweb_shards, llama):
+    cfg = _config(DataConfig(source="fineweb_edu", data_files=[str(p) for p in fineweb_shards], repeat=True))
+    loader = build_train_loader(cfg, llama)
+    reference, states = [], []
+    for _ in range(12):
+        reference.append(next(loader))
+        states.append(loader.state_dict())
+    time.sleep(0.2)  # the thread runs ahead; the state must still be the one after batch 12
+    assert loader.state_dict() == states[-1]
+    loader.close()
+    # the continuation crosses file boundaries and the end of the (finite) source
+    assert states[6]["position"]["epoch"] == 0 and states[11]["position"]["epoch"] == 1
+    crossed = set().union(*(_shard_indices(s["position"]["dataset"]) for s in states[6:]))
+    assert len(crossed) >= 2
+    for k in (7, 10):
+        saved = json.loads(json.dumps(states[k - 1]))  # the state goes through a JSON file
+        with build_train_loader(cfg, llama, state=saved) as resumed:
+            again = _take(resumed, 12 - k)
+            assert resumed.state_dict() == states[-1]
+        for a, b in zip(again, reference[k:]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_resume_on_the_builtin_source_across_epochs():
+    cfg = Config(train=TrainConfig(batch_size=16, seq_len=512), model=ModelConfig(max_position_embeddings=512),
+                 data=DataConfig(source="builtin"))
+    tok = load_tokenizer(cfg.tokenizer)
+    with build_train_loader(cfg, tok) as loader:
+        reference = _take(loader, 16)
+        epochs = loader.state_dict()["position"]["epoch"]
+        with build_train_loader(cfg, tok, state=None) as fresh:
+            np.testing.assert_array_equal(next(fresh), reference[0])
+    assert epochs >= 1
+    with build_train_loader(cfg, tok) as loader:
+        _take(loader, 9)
+        state = loader.state_dict()
+    with build_train_loader(cfg, tok, state=state) as resumed:
+        for a, b in zip(_take(resumed, 7), reference[9:]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_heldout_documents_feed_eval_and_never_training(fineweb_shards, llama):
+    cfg = _config(DataConfig(source="fineweb_edu", data_files=[str(p) for p in fineweb_shards]), eval_batches=2)
+    docs = [t for t, _ in DocumentStream(source_spec(cfg.data))]
+    evals = build_eval_batches(cfg, llama)
+    assert len(evals) == 2 and all(e.shape == (8, 65) and e.dtype == np.int32 for e in evals)
+    # eval = the leading documents, packed by the same contract
+    first = [1] + llama.encode(docs[0]) + [2]
+    np.testing.assert_array_equal(evals[0][0], first[:65])
+    assert all(np.array_equal(a, b) for a, b in zip(evals, build_eval_batches(cfg, llama)))
+    # 2 batches x 8 rows x 64 + 1 = 1025 tokens: documents 0 and 1 (888 + 1207 tokens) are held out
+    held = 0
+    have = 0
+    while have < 2 * 8 * 64 + 1:
+        have += len(llama.encode(docs[held])) + 2
+        held += 1
+    with build_train_loader(cfg, llama) as loader:
+        train = next(loader)
+    expected = [1] + llama.encode(docs[held]) + [2]
+    np.testing.assert_array_equal(train.reshape(-1)[:60], expected[:60])
+    train_docs = [t for t, _ in DocumentStream(source_spec(cfg.data), exclude=_heldout_digests(cfg, llama))]
+    assert train_docs == docs[held:]
+
+
+def _heldout_digests(cfg, tok):
+    from bitnet_jax.data.heldout import heldout_set
+
+    return heldout_set(cfg, tok, source_spec(cfg.data)).digests
+
+
+def test_explicit_eval_documents_and_too_few_tokens(fineweb_shards, llama):
+    files = [str(p) for p in fineweb_shards]
+    cfg = _config(DataConfig(source="fineweb_edu", data_files=files, eval_documents=3))
+    with build_train_loader(cfg, llama) as loader:
+        assert loader.state_dict()["heldout_sha256"]
+    with pytest.raises(DataError, match="evaluation needs"):
+        build_eval_batches(_config(DataConfig(source="fineweb_edu", data_files=files, eval_documents=1),
+                                   eval_batches=8), llama)
+    with pytest.raises(DataError, match="only 8 documents"):
+        build_train_loader(_config(DataConfig(source="fineweb_edu", data_files=files, eval_documents=50)), llama)
+
+
+def test_two_processes_split_batches_and_eval_rows(fineweb_shards, llama):
+    cfg = _config(DataConfig(source="fineweb_edu", data_files=[str(p) for p in fineweb_shards]))
+    whole = build_eval_batches(cfg, llama)
+    halves = [build_eval_batches(cfg, llama, process_index=i, process_count=2) for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([halves[0][0], halves[1][0]]), whole[0])
+    batches = []
+    for i in range(2):
+        with build_train_loader(cfg, llama, process_index=i, process_count=2) as loader:
+            batches.append(next(loader))
+            assert loader.state_dict()["process_index"] == i
+    assert batches[0].shape == batches[1].shape == (4, 65)
+    assert not np.array_equal(batches[0], batches[1])
+    with pytest.raises(ConfigError, match="divisible by the number of processes"):
+        build_train_loader(cfg, llama, process_index=0, process_count=3)
+
+
+def test_a_state_from_other_data_or_process_count_is_refused(fineweb_shards, llama):
+    cfg = _config(DataConfig(source="fineweb_edu", data_files=[str(p) for p in fineweb_shards]))
+    with build_train_loader(cfg, llama) as loader:
+        next(loader)
+        state = loader.state_dict()
+    with pytest.raises(DataError, match="process_count=1.*has 2"):
+        build_train_loader(cfg, llama, process_index=0, process_count=2, state=state)
+    other = _config(DataConfig(source="fineweb_edu", data_files=[str(fineweb_shards[0])]))
+    with pytest.raises(DataError, match="source"):
+        build_train_loader(other, llama, state=state)
+    explicit = _config(DataConfig(source="fineweb_edu", data_files=[str(p) for p in fineweb_shards], eval_documents=2))
+    with build_train_loader(explicit, llama) as loader:
+        next(loader)
+        state = loader.state_dict()
+    with pytest.raises(DataError, match="tokenizer_sha256"):
+        build_train_loader(explicit, load_tokenizer(TokenizerConfig(name_or_path="builtin")), state=state)
+
+
+def test_finite_source_stops_after_the_last_full_batch(fineweb_shards, llama):
+    cfg = _config(DataConfig(source="fineweb_edu", data_files=[str(p) for p in fineweb_shards], repeat=False))
+    train_docs = [t for t, _ in DocumentStream(source_spec(cfg.data), exclude=_heldout_digests(cfg, llama))]
+    tokens = sum(len(ids) for ids in llama.encode_documents(train_docs))
+    with build_train_loader(cfg, llama) as loader:
+        n = sum(1 for _ in loader)
+        with pytest.raises(StopIteration):
+            next(loader)
+    assert n == (tokens - 1) // (8 * 64) == 11
+
+
+def test_worker_processes_give_the_same_batches(fineweb_shards, llama):
+    files = [str(p) for p in fineweb_shards]
+    in_thread = _config(DataConfig(source="fineweb_edu", data_files=files, tokenize_batch=2))
+    workers = _config(DataConfig(source="fineweb_edu", data_files=files, tokenize_batch=2, num_workers=2))
+    with build_train_loader(in_thread, llama) as a, build_train_loader(workers, llama) as b:
+        for x, y in zip(_take(a, 14), _take(b, 14)):
+            np.testing.assert_array_equal(x, y)
+        assert a.state_dict() == b.state_dict()
+
+
+def test_bad_data_fails_in_build_not_in_the_thread(fineweb_shards, llama):
+    cfg = _config(DataConfig(source="fineweb_edu", text_column="content", data_files=[str(fineweb_shards[0])]))
+    with pytest.raises(DataError, match="columns found: text, id"):
+        build_train_loader(cfg, llama)
+    with pytest.raises(DataError, match="HF_HUB_OFFLINE"):
+        build_train_loader(_config(DataConfig(source="fineweb_edu")), llama)
+    small = _config(DataConfig(source="fineweb_edu", data_files=[str(fineweb_shards[0])]), vocab=4096)
+    with pytest.raises(ConfigError, match="model.vocab_size=32000"):
+        build_train_loader(small, llama)
+
+
+def test_errors_while_streaming_reach_next(tmp_path):
+    (tmp_path / "a.txt").write_text("x " * 5000, encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes(b"bad \xff byte")
+    cfg = Config(train=TrainConfig(batch_size=2, seq_len=32), eval=EvalConfig(batches=1),
+                 data=DataConfig(source="local", data_files=[str(tmp_path / "*.txt")], tokenize_batch=1))
+    tok = load_tokenizer(cfg.tokenizer)
+    with build_train_loader(cfg, tok) as loader:
+        with pytest.raises(DataError, match="b.txt is not UTF-8"):
+            for _ in range(1000):
+                next(loader)
+
+
+def test_shipped_fineweb_config_loads_batches_from_the_fixture(shared_data, llama_tokenizer_dir, tmp_path):
+    from bitnet_jax import config
+
+    (parquet,) = write_fixture(tmp_path / "fw.parquet", csv_path=shared_data / "fineweb_edu_text_sample" / "training_data.csv")
+    cfg = config.load(config.Path(__file__).resolve().parents[1] / "configs" / "fineweb_edu_sample.yaml", [
+        f"data.data_files={parquet}", f"tokenizer.name_or_path={llama_tokenizer_dir}"])
+    tok = load_tokenizer(cfg.tokenizer)
+    assert (cfg.data.source, cfg.model.vocab_size, tok.vocab_size) == ("fineweb_edu", 32000, 32000)
+    with build_train_loader(cfg, tok) as loader:
+        assert next(loader).shape == (cfg.train.batch_size, cfg.train.seq_len + 1)
+    assert [e.shape for e in build_eval_batches(cfg, tok)] == [(16, 257)] * cfg.eval.batches

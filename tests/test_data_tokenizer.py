@@ -1,0 +1,137 @@
+"""Tokenizer loading: LLaMA-2 ids equal SentencePiece's, save/reload, builtin BPE, clear errors."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bitnet_jax.config import ConfigError, TokenizerConfig
+from bitnet_jax.data import DataError, load_tokenizer
+
+
+def _shared_texts(shared_data) -> list[str]:
+    """FineWeb-Edu documents, WikiText lines, Shakespeare chunks and edge cases."""
+    csv.field_size_limit(10**9)
+    with open(shared_data / "fineweb_edu_text_sample" / "training_data.csv", newline="", encoding="utf-8") as f:
+        texts = [row["text"] for row in csv.DictReader(f)]
+    with open(shared_data / "wikitext" / "wikitext-2-raw.wiki.test.raw", encoding="utf-8", newline="") as f:
+        texts += [line.rstrip("\r\n") for line in f]
+    shakespeare = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    texts += [shakespeare[i:i + 4000] for i in range(0, len(shakespeare), 4000)]
+    texts += ["", " ", "  two leading spaces", " Hello world", "<s> literal </s> and <unk>",
+              "nbsp\u00a0here", "emoji 😀\ttab\n\nnewlines", "日本語のテキスト", "trailing  "]
+    return texts
+
+
+@pytest.fixture(scope="module")
+def sp(llama_tokenizer_dir):
+    spm = pytest.importorskip("sentencepiece")
+    return spm.SentencePieceProcessor(model_file=str(llama_tokenizer_dir / "tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def texts_and_sp_ids(shared_data, sp):
+    texts = _shared_texts(shared_data)
+    return texts, sp.encode(texts)
+
+
+@pytest.mark.parametrize("where", ["tokenizer.model", "hf/tokenizer.json", "."])
+def test_llama2_ids_equal_sentencepiece_on_shared_texts(where, llama_tokenizer_dir, texts_and_sp_ids):
+    tok = load_tokenizer(TokenizerConfig(name_or_path=str(llama_tokenizer_dir / where)))
+    texts, theirs = texts_and_sp_ids
+    assert tok.vocab_size == 32000 and tok.bos_id == 1 and tok.eos_id == 2
+    ours = tok.encode_batch(texts)
+    mismatched = [t[:60] for t, a, b in zip(texts, ours, theirs) if a != b]
+    assert not mismatched, f"{len(mismatched)} of {len(texts)} texts differ, e.g. {mismatched[:3]}"
+    assert sum(map(len, ours)) > 800_000
+    assert tok.encode("The quick brown fox") == [450, 4996, 17354, 1701, 29916]
+    assert [tok.encode(t) for t in texts[:50]] == ours[:50]  # single and batch encode agree
+
+
+def test_literal_special_token_text_is_plain_text(llama_tokenizer_dir, sp):
+    tok = load_tokenizer(TokenizerConfig(name_or_path=str(llama_tokenizer_dir)))
+    ids = tok.encode("a <s> b </s>")
+    assert 1 not in ids and 2 not in ids
+    assert ids == sp.encode("a <s> b </s>")
+    assert tok.decode(ids) == "a <s> b </s>"
+
+
+def test_saved_llama_folder_reloads_identically_and_loads_in_transformers(llama_tokenizer_dir, shared_data, tmp_path):
+    tok = load_tokenizer(TokenizerConfig(name_or_path=str(llama_tokenizer_dir / "tokenizer.model")))
+    out = tok.save(tmp_path / "tok")
+    assert {p.name for p in out.iterdir()} == {"tokenizer.json", "tokenizer_config.json",
+                                               "special_tokens_map.json", "tokenizer.model"}
+    again = load_tokenizer(TokenizerConfig(name_or_path=str(out)))
+    texts = _shared_texts(shared_data)[::7]
+    assert again.encode_batch(texts) == tok.encode_batch(texts)
+    assert (again.vocab_size, again.bos_id, again.eos_id) == (32000, 1, 2)
+
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(out))
+    sample = texts[:40] + [" Hello world", "a <s> b"]
+    assert [hf.encode(t, add_special_tokens=False) for t in sample] == tok.encode_batch(sample)
+    assert hf.bos_token_id == 1 and hf.eos_token_id == 2
+
+
+def test_builtin_tokenizer_is_deterministic_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tok = load_tokenizer(TokenizerConfig(name_or_path="builtin", builtin_vocab_size=512))
+    assert tok.vocab_size == 512 and (tok.bos_id, tok.eos_id) == (0, 1)
+    cached = list((tmp_path / "cache" / "bitnet_jax").glob("builtin_bpe_v512_*/tokenizer.json"))
+    assert len(cached) == 1
+    text = "def f(x):\n    return x ** 2  # squares é"
+    assert tok.decode(tok.encode(text)) == text
+    # A fresh process with an empty cache trains the same tokenizer (the BPE trainer is deterministic).
+    code = ("from bitnet_jax.config import TokenizerConfig; from bitnet_jax.data import load_tokenizer;"
+            "print(load_tokenizer(TokenizerConfig(builtin_vocab_size=512)).describe()['tokenizer_json_sha256'])")
+    env_cache = tmp_path / "other_cache"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "XDG_CACHE_HOME": str(env_cache)})
+    assert out.stdout.strip() == tok.describe()["tokenizer_json_sha256"]
+
+
+def test_builtin_saved_folder_round_trips(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tok = load_tokenizer(TokenizerConfig(builtin_vocab_size=512))
+    out = tok.save(tmp_path / "tok")
+    again = load_tokenizer(TokenizerConfig(name_or_path=str(out)))
+    text = "The <s> builtin corpus\n\tis pydoc text."
+    assert again.encode(text) == tok.encode(text)
+    assert (again.bos_id, again.eos_id, again.vocab_size) == (0, 1, 512)
+    desc = tok.describe()
+    assert desc["kind"] == "builtin" and len(desc["files"]["tokenizer.json"]) == 64
+
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(out))
+    assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
+    assert (hf.bos_token_id, hf.eos_token_id) == (0, 1)
+
+
+def test_missing_tokenizer_path_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist") as e:
+        load_tokenizer(TokenizerConfig(name_or_path=str(tmp_path / "nope" / "tokenizer.model")))
+    assert isinstance(e.value, ConfigError)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="neither tokenizer.json nor tokenizer.model"):
+        load_tokenizer(TokenizerConfig(name_or_path=str(tmp_path / "empty")))
+    (tmp_path / "junk.model").write_bytes(b"\x00\x01 not a model")
+    with pytest.raises(DataError, match="SentencePiece"):
+        load_tokenizer(TokenizerConfig(name_or_path=str(tmp_path / "junk.model")))
+
+
+def test_hub_tokenizer_offline_says_so_and_how_to_fix():
+    with pytest.raises(DataError) as e:
+        load_tokenizer(TokenizerConfig(name_or_path="meta-llama/Llama-2-7b-hf"))
+    msg = str(e.value)
+    assert "HF_HUB_OFFLINE" in msg and "tokenizer.name_or_path" in msg
+
+
+def test_describe_names_files_and_their_sha256(llama_tokenizer_dir):
+    desc = load_tokenizer(TokenizerConfig(name_or_path=str(llama_tokenizer_dir))).describe()
+    assert desc["kind"] == "sentencepiece" and desc["vocab_size"] == 32000
+    assert desc["files"] == {"tokenizer.model": "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"}
+    json.dumps(desc)
