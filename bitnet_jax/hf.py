@@ -17,9 +17,10 @@ ONLINE_QUANTIZATION = {"quant_method": "bitnet", "linear_class": "autobitlinear"
 
 
 def hf_config_dict(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token_id: int | None = None,
-                   quantization_mode: str = "online") -> dict[str, Any]:
+                   quantization_mode: str = "online", dtype: str = "float32") -> dict[str, Any]:
     """``BitNetConfig`` fields for this model, with the BitNet quantization_config that makes
-    transformers run quantized (AutoBitLinear) instead of plain float linears."""
+    transformers run quantized (AutoBitLinear) instead of plain float linears. ``dtype`` is the dtype
+    of the stored full-precision tensors (float32 master weights, or bfloat16 in the packed format)."""
     return {
         "architectures": ["BitNetForCausalLM"],
         "model_type": "bitnet",
@@ -41,7 +42,7 @@ def hf_config_dict(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_tok
         "attention_dropout": 0.0,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,  # the key transformers 4.x reads; 5.x accepts it as well
         "quantization_config": {**ONLINE_QUANTIZATION, "quantization_mode": quantization_mode},
     }
 
@@ -62,3 +63,71 @@ def hf_state_dict(params: nnx.State) -> dict[str, np.ndarray]:
             value = np.ascontiguousarray(value.T)
         out[hf_name(tuple(path))] = value
     return out
+
+
+# --------------------------------------------------------------------------- packed (offline) format
+
+VALUES_PER_BYTE = 4  # ternary values per uint8: 2 bits each
+
+
+def is_bitlinear(path: tuple, value) -> bool:
+    """Projection weights (quantized): every 2-D parameter below the top level (not the embedding)."""
+    return len(path) > 1 and np.ndim(value) == 2
+
+
+def pack_ternary(t_OxI: np.ndarray) -> np.ndarray:
+    """Packs ternary values ``[out, in]`` in {-1, 0, 1} into uint8 ``[out / 4, in]``.
+
+    The layout is transformers' ``pack_weights`` (integrations/bitnet.py): the rows are cut into four
+    quarter-row blocks, and byte ``[j, c]`` holds ``t[j + k * out/4, c] + 1`` in bits ``2k..2k+1``
+    for k = 0..3. ``out`` must be divisible by 4 (transformers only unpacks that case).
+    """
+    out = t_OxI.shape[0]
+    if out % VALUES_PER_BYTE:
+        raise ValueError(f"cannot pack {out} rows: the packed format needs a multiple of {VALUES_PER_BYTE}")
+    codes = (np.asarray(t_OxI) + 1).astype(np.uint8).reshape(VALUES_PER_BYTE, out // VALUES_PER_BYTE,
+                                                              *t_OxI.shape[1:])
+    packed = np.zeros(codes.shape[1:], np.uint8)
+    for k in range(VALUES_PER_BYTE):
+        packed |= codes[k] << (2 * k)
+    return packed
+
+
+def unpack_ternary(packed: np.ndarray) -> np.ndarray:
+    """Inverse of ``pack_ternary``: uint8 ``[out / 4, in]`` -> int8 ``[out, in]`` in {-1, 0, 1}."""
+    blocks = [((packed >> (2 * k)) & 3).astype(np.int8) - 1 for k in range(VALUES_PER_BYTE)]
+    return np.concatenate(blocks, axis=0)
+
+
+def hf_packed_state_dict(params: nnx.State) -> dict[str, np.ndarray]:
+    """The offline-quantized state dict: for every projection, ``weight`` = packed ternary uint8
+    ``[out / 4, in]`` and ``weight_scale`` = gamma as bfloat16 ``[1]``; the embedding and norm weights
+    in bfloat16 (``lm_head.weight`` omitted: it is tied).
+
+    The ternary values come from ``quant.ternary`` on the float32 master weights, exactly as the
+    model computes them; only gamma and the full-precision tensors are rounded to bfloat16.
+    """
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    from bitnet_jax.quant import ternary
+
+    out = {}
+    for path, var in nnx.to_flat_state(params):
+        path = tuple(path)
+        value = np.asarray(var[...], dtype=np.float32)
+        name = hf_name(path)
+        if is_bitlinear(path, value):
+            t, gamma = ternary(jnp.asarray(value))
+            out[name] = pack_ternary(np.asarray(t, np.int8).T)  # [in, out] -> [out, in], then pack rows
+            out[name + "_scale"] = np.asarray([float(gamma)], dtype=ml_dtypes.bfloat16)
+        else:
+            out[name] = value.astype(ml_dtypes.bfloat16)
+    return out
+
+
+def packing_problems(cfg: ModelConfig) -> list[str]:
+    """Projection output sizes that the packed format cannot hold (each must be divisible by 4)."""
+    outs = {"q_proj": cfg.num_attention_heads * cfg.head_dim, "k_proj / v_proj": cfg.kv_heads * cfg.head_dim,
+            "o_proj / down_proj": cfg.hidden_size, "gate_proj / up_proj": cfg.intermediate_size}
+    return [f"{name} has {n} outputs" for name, n in outs.items() if n % VALUES_PER_BYTE]

@@ -9,8 +9,8 @@ from typing import Callable
 
 @dataclasses.dataclass
 class Hook:
-    """Runs ``fn(step)`` after every ``every``-th step (0 disables), and at the final step when
-    ``at_end``. ``timing_tag`` names a ``time/*`` scalar that records how long the hook took."""
+    """Runs ``fn(step)`` after every ``every``-th step, and at the final step when ``at_end``;
+    ``every = 0`` disables the hook entirely. ``timing_tag`` names a ``time/*`` scalar that records how long the hook took."""
 
     name: str
     every: int
@@ -19,9 +19,9 @@ class Hook:
     timing_tag: str | None = None
 
     def due(self, step: int, last_step: int) -> bool:
-        if self.every and step % self.every == 0:
-            return True
-        return self.at_end and step == last_step
+        if not self.every:
+            return False
+        return step % self.every == 0 or (self.at_end and step == last_step)
 
 
 def run_due_hooks(hooks: list[Hook], step: int, last_step: int, on_time=None) -> bool:

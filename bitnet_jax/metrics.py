@@ -9,6 +9,7 @@ runs ahead of the device.
 from __future__ import annotations
 
 import collections
+import os
 import math
 import time
 from pathlib import Path
@@ -17,8 +18,10 @@ from typing import Any
 import jax
 import numpy as np
 
-# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (SXM parts).
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (SXM parts; the first matching
+# name wins, so the PCIe H100, a slower part, is listed before the SXM one).
 PEAK_FLOPS_BF16 = {
+    "H100 PCIE": 756e12,
     "H100": 989e12,
     "H200": 989e12,
     "A100": 312e12,
@@ -42,7 +45,9 @@ class TensorBoard:
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(str(log_dir), flush_secs=10, max_queue=1000)
+            # The pid in the name keeps two writers opened in the same second (a restart) apart.
+            self._writer = SummaryWriter(str(log_dir), flush_secs=10, max_queue=1000,
+                                         filename_suffix=f".{os.getpid()}")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer is None:

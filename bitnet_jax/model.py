@@ -40,6 +40,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.dtype = dtype
 
+    @jax.named_scope("rmsnorm")
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -58,12 +59,20 @@ class BitLinear(nnx.Module):
         init = jax.nn.initializers.normal(init_std)
         self.weight = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32))
         self.dtype = dtype
+        # Set by BitNet metrics (under nnx.capture) to record each token's input absmax; off in training.
+        self.capture_input = False
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xq = quantize_activation_ste(x).astype(self.dtype)
-        wq = quantize_weight_ste(self.weight[...]).astype(self.dtype)
-        y = jnp.dot(xq, wq, preferred_element_type=jnp.float32)
-        return y.astype(self.dtype)
+        if self.capture_input:
+            self.sow(nnx.Intermediate, "input_absmax", jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1))
+        # Named scopes label the ops in profiles (benchmarks/bench_train.py --profile); no effect on numerics.
+        with jax.named_scope("act_quant"):
+            xq = quantize_activation_ste(x).astype(self.dtype)
+        with jax.named_scope("weight_quant"):
+            wq = quantize_weight_ste(self.weight[...]).astype(self.dtype)
+        with jax.named_scope("bitlinear_matmul"):
+            y = jnp.dot(xq, wq, preferred_element_type=jnp.float32)
+            return y.astype(self.dtype)
 
 
 def rope_tables(positions_BxT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -74,6 +83,7 @@ def rope_tables(positions_BxT: jax.Array, head_dim: int, theta: float) -> tuple[
     return jnp.cos(emb), jnp.sin(emb)
 
 
+@jax.named_scope("rope")
 def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
     x = x_BxTxNxH.astype(jnp.float32)
     half = x.shape[-1] // 2
@@ -82,6 +92,7 @@ def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array)
     return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
 
 
+@jax.named_scope("attention")
 def _attention_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS) -> jax.Array:
     """Plain attention with float32 softmax; grouped-query heads share K/V without copies."""
     b, t, n, h = q_BxTxNxH.shape
@@ -126,7 +137,8 @@ class Attention(nnx.Module):
 
         if cache is None:
             if self._use_cudnn():
-                out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+                with jax.named_scope("attention"):
+                    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
             else:
                 causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
                 out = _attention_xla(q, k, v, causal)
@@ -158,7 +170,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         gate = self.gate_proj(x_BxTxD)
-        act = jnp.square(jax.nn.relu(gate)) if self.hidden_act == "relu2" else jax.nn.silu(gate)
+        with jax.named_scope("mlp_act"):
+            act = jnp.square(jax.nn.relu(gate)) if self.hidden_act == "relu2" else jax.nn.silu(gate)
         return self.down_proj(self.ffn_sub_norm(act * self.up_proj(x_BxTxD)))
 
 
@@ -196,14 +209,16 @@ class BitNetLM(nnx.Module):
             start = 0 if cache_index is None else cache_index
             positions_BxT = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         embed = self.embed_tokens[...]
-        x = jnp.take(embed, tokens_BxT, axis=0).astype(self.dtype)
+        with jax.named_scope("embed"):
+            x = jnp.take(embed, tokens_BxT, axis=0).astype(self.dtype)
         new_caches = []
         for i, layer in enumerate(self.layers):
             x, c = layer(x, positions_BxT, None if caches is None else caches[i], cache_index)
             new_caches.append(c)
         x = self.norm(x)
         # The tied head stays full precision: logits in float32 whatever the compute dtype.
-        logits = jnp.dot(x, embed.T.astype(self.dtype), preferred_element_type=jnp.float32)
+        with jax.named_scope("lm_head"):
+            logits = jnp.dot(x, embed.T.astype(self.dtype), preferred_element_type=jnp.float32)
         return logits if caches is None else (logits, new_caches)
 
     def init_cache(self, batch: int, max_len: int) -> list[KVCache]:

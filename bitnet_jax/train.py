@@ -1,6 +1,7 @@
 """The training loop: wires config, tokenizer, data, model, optimizer and hooks together.
 
-``python train.py --config configs/tiny.yaml [--set k=v]... [--run-id ID] [--runs-dir DIR] [--dry-run]``
+``python train.py --config configs/tiny.yaml [--set k=v]... [--run-id ID] [--runs-dir DIR] [--dry-run] [--no-eval]``
+``python train.py --resume latest|STEP|RUN_DIR|RUN_DIR/checkpoints/STEP [--run-id ID] [--stop-at STEP]``
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import time
 from pathlib import Path
 
 from bitnet_jax import config as config_lib
+from bitnet_jax import distributed
+from bitnet_jax import resume as resume_lib
+from bitnet_jax.checkpoint import complete_steps
 from bitnet_jax.config import Config, ConfigError
 
 
@@ -20,13 +24,24 @@ from bitnet_jax.config import Config, ConfigError
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train.py", description="Train a BitNet b1.58 language model.")
-    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("--config", help="YAML config file (see configs/); optional with --resume")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key; repeatable; values are YAML scalars")
     p.add_argument("--run-id", help="run folder name (default: <name>_T<tokens>_<unix time>)")
     p.add_argument("--runs-dir", default="runs", help="parent folder of run folders (default: runs)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, build the model abstractly, print its size and cost, and exit")
+    p.add_argument("--resume", metavar="latest|STEP|RUN_DIR|RUN_DIR/checkpoints/STEP",
+                   help="continue a run: latest or STEP of --run-id, or a run directory; a step directory "
+                        "starts a new run from it (see bitnet_jax/resume.py)")
+    p.add_argument("--stop-at", type=int, metavar="STEP",
+                   help="train up to STEP, save it and exit 0; the schedule stays that of train.steps")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation (eval.every)")
+    g = p.add_argument_group("several processes (hosts); see bitnet_jax/distributed.py")
+    g.add_argument("--coordinator", metavar="HOST:PORT|auto",
+                   help="process 0's address (env JAX_COORDINATOR_ADDRESS); auto: detect SLURM/MPI/k8s")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (env JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (env JAX_PROCESS_ID)")
     return p.parse_args(argv)
 
 
@@ -38,8 +53,8 @@ def format_count(n: float) -> str:
     return str(int(n))
 
 
-def default_run_id(cfg: Config) -> str:
-    return f"{cfg.name}_T{format_count(cfg.total_tokens)}_{int(time.time())}"
+def default_run_id(cfg: Config, stamp: int | None = None) -> str:
+    return f"{cfg.name}_T{format_count(cfg.total_tokens)}_{int(time.time()) if stamp is None else stamp}"
 
 
 # --------------------------------------------------------------------------- dry run
@@ -103,27 +118,35 @@ class RunPaths:
 def prepare_run_dir(cfg: Config, runs_dir: str, run_id: str | None) -> RunPaths:
     root = Path(runs_dir) / (run_id or default_run_id(cfg))
     paths = RunPaths(root.resolve())
-    if paths.checkpoints.is_dir() and any(paths.checkpoints.iterdir()):
+    if complete_steps(paths.root):  # refuse before writing anything
         raise ConfigError(
-            f"{paths.root} already holds checkpoints; pass --resume latest to continue it, or another --run-id"
+            f"{paths.root} already holds checkpoints; pass --resume {paths.root} to continue it "
+            f"(or --resume latest --run-id {root.name}), or choose another --run-id"
         )
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.yaml").write_text(config_lib.dump(cfg))
     return paths
 
 
-def train(cfg: Config, paths: RunPaths) -> dict:
-    """Runs the whole training; returns a summary (first and last loss, eval loss, throughput)."""
+def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = None,
+          stop_at: int | None = None, run_eval: bool = True) -> dict:
+    """Runs the whole training (or continues ``resume``, up to ``stop_at``); returns a summary (first
+    and last loss, eval loss, throughput, what stopped it)."""
     import jax
     import numpy as np
     from tqdm import tqdm
 
     from bitnet_jax import sharding, train_state
+    from bitnet_jax.anomaly import AnomalyDetector, poison_if_due
+    from bitnet_jax.bitnet_metrics import BitNetMetrics
+    from bitnet_jax.checkpoint import CheckpointManager, save_hook
     from bitnet_jax.data import build_eval_batches, build_train_loader, load_tokenizer, write_fingerprint
     from bitnet_jax.evaluation import Evaluator, eval_scalars
     from bitnet_jax.hooks import Hook, run_due_hooks
     from bitnet_jax.metrics import StepMetrics, TensorBoard, device_peak_flops
     from bitnet_jax.model import flops_per_token
+    from bitnet_jax.provenance import write_provenance
+    from bitnet_jax.samples import SampleHook
 
     # Tokenizer: check it fits the model before any compute, keep a copy with the run.
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -132,28 +155,36 @@ def train(cfg: Config, paths: RunPaths) -> dict:
                           f"{cfg.model.vocab_size}; set --set model.vocab_size={tokenizer.vocab_size}")
     tokenizer.save(paths.tokenizer)
 
-    # Model, optimizer state and the jitted steps, laid out on the mesh.
+    # Model, optimizer state and the jitted steps, laid out on the mesh (restored when resuming).
     mesh = sharding.make_mesh(cfg.mesh)
-    graphdef, state = train_state.init_state(cfg)
-    state, state_sharding = train_state.place_state(state, mesh)
+    sharding.check_batch_fits(cfg, mesh)
+    graphdef, state, state_sharding, restored = resume_lib.initial_state(cfg, mesh, resume)
     train_step = train_state.make_train_step(cfg, graphdef, mesh, state_sharding)
     eval_step = train_state.make_eval_step(graphdef, mesh, state_sharding.params)
 
     # Data: this process's shard of every global batch; fixed held-out batches for evaluation.
     pi, pc = jax.process_index(), jax.process_count()
     write_fingerprint(paths.root / "dataset_fingerprint.json", cfg, tokenizer)
-    loader = build_train_loader(cfg, tokenizer, process_index=pi, process_count=pc)
+    loader = build_train_loader(cfg, tokenizer, process_index=pi, process_count=pc,
+                                state=restored.data_state if restored else None)
     evaluator = Evaluator(eval_step, build_eval_batches(cfg, tokenizer, pi, pc), mesh)
+    if pi == 0:
+        write_provenance(paths.root, config_lib.dump(cfg), resumed_from_step=restored.step if restored else None)
 
     tb = TensorBoard(paths.tb, enabled=pi == 0)
     total = cfg.train.steps
-    show_progress = cfg.log.progress and pi == 0
+    show_progress = cfg.log.progress and pi == 0 and sys.stderr.isatty()  # quiet in logs and subprocesses
     progress = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, disable=not show_progress,
                     mininterval=1.0)
     peak = cfg.log.peak_flops or device_peak_flops()
     metrics = StepMetrics(tb, tokens_per_step=cfg.tokens_per_step,
                           flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
                           peak_flops_total=peak * jax.device_count() if peak else None, progress=progress)
+    anomalies = AnomalyDetector(cfg, paths.root, tb, tokenizer, write=pi == 0)
+    metrics.listeners.append(anomalies.on_step_metrics)
+    bitnet_metrics = BitNetMetrics(graphdef, evaluator.batches[0] if evaluator.batches else None)
+    samples = SampleHook(cfg, tokenizer, graphdef, paths.root, tb, write=pi == 0,
+                         on_samples=anomalies.check_samples)
 
     summary = {"eval_loss": None, "first_loss": None}
     last_eval = {"step": 0}
@@ -164,13 +195,43 @@ def train(cfg: Config, paths: RunPaths) -> dict:
         last_eval["step"] = step
         summary["eval_loss"] = loss
 
-    hooks = [Hook("eval", cfg.eval.every, evaluate, timing_tag="time/eval_ms")]
+    # Host-side objects saved with every checkpoint: state_dict() / load_state_dict(d).
+    resumables: dict[str, object] = {"anomaly": anomalies}
+    ckpt = CheckpointManager(paths.root, cfg)
+
+    def save(step: int) -> None:
+        if anomalies.halt_reason is None:  # train.on_nan=halt: nothing from the bad step on is saved
+            ckpt.save(step, state, data_state=loader.state_dict(), resumables=resumables)
+
+    # BitNet metrics and samples also run at the last step, unless the run is shorter than their
+    # interval (short test runs then skip compiling them).
+    log = cfg.log
+    samples_every = log.samples_every if log.prompts else 0
+    hooks = [
+        Hook("eval", cfg.eval.every if run_eval else 0, evaluate, at_end=run_eval, timing_tag="time/eval_ms"),
+        Hook("metrics", log.metrics_every, lambda s: tb.scalars(s, bitnet_metrics(state.params)),
+             at_end=0 < log.metrics_every <= total, timing_tag="time/metrics_ms"),
+        Hook("samples", samples_every, lambda s: samples(s, state.params),
+             at_end=0 < samples_every <= total, timing_tag="time/samples_ms"),
+        save_hook(cfg, save),
+    ]
 
     step = int(jax.device_get(state.step))
+    if restored:
+        resume_lib.load_resumables(resumables, restored.meta)
+        ckpt.last_saved = None if resume.target.new_run else step
+    stop = resume_lib.StopRequest()
+    if pc == 1:
+        stop.install()
+    end = stop_at or total
     metrics.start_clock()
     try:
-        while step < total:
-            batch = sharding.global_batch(next(loader), mesh)
+        while step < end:
+            if stop.requested or ckpt.reached_preemption(step) or anomalies.halt_reason:
+                break
+            rows = poison_if_due(next(loader), step + 1, cfg.train.debug_poison_step, cfg.model.vocab_size)
+            anomalies.remember_batch(step + 1, rows)  # host rows, for a dump if step + 1 turns out bad
+            batch = sharding.global_batch(rows, mesh)
             state, step_metrics = train_step(state, batch)
             step += 1
             metrics.push(step, step_metrics)
@@ -182,12 +243,19 @@ def train(cfg: Config, paths: RunPaths) -> dict:
             if summary["first_loss"] is None and metrics.losses:
                 summary["first_loss"] = metrics.losses[0][1]
         metrics.flush()
+        if ckpt.last_saved != step:  # the final step, --stop-at, or a stop request
+            save(step)
+        ckpt.wait()
     finally:
+        stop.uninstall()
+        ckpt.close()
         progress.close()
         loader.close()
         tb.close()
-    summary.update(final_loss=metrics.last.get("loss"), step=step,
-                   median_step_ms=metrics.median_step_ms(), tokens_per_step=cfg.tokens_per_step)
+    summary.update(final_loss=metrics.last.get("loss"), step=step, total_steps=total,
+                   median_step_ms=metrics.median_step_ms(), tokens_per_step=cfg.tokens_per_step,
+                   stopped_by=stop.signal_name or ("--stop-at" if step < total else None),
+                   stop_seconds=stop.seconds_since(), halted=anomalies.halt_reason)
     return summary
 
 
@@ -204,19 +272,43 @@ def print_summary(paths: RunPaths, summary: dict) -> None:
         print(f"speed:      {summary['median_step_ms']:.1f} ms/step, {tps:,.0f} tokens/s (median)")
     print(f"run directory: {paths.root}")
     print(f"watch it:      tensorboard --logdir {paths.tb}   or   python status.py {paths.root}")
+    if summary.get("halted"):
+        print(f"halted (train.on_nan=halt) at {summary['halted']}; nothing after the last good step was "
+              f"saved; see {paths.root / 'anomalies'}")
+    elif summary.get("stopped_by"):
+        took = f" in {summary['stop_seconds']:.1f} s" if summary.get("stop_seconds") is not None else ""
+        print(f"stopped by {summary['stopped_by']} at step {summary['step']} of {summary['total_steps']}: "
+              f"saved checkpoints/{summary['step']}{took}")
+        print(f"resume with:   {resume_lib.resume_command(paths.root)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = config_lib.load(args.config, args.overrides)
+        group = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
+        distributed.initialize(group)  # before any device is touched; no-op for one process
+        plan = None
+        if args.resume:
+            cfg, plan = resume_lib.plan(args.resume, args.runs_dir, args.run_id, args.config,
+                                        args.overrides, args.stop_at)
+        elif args.config:
+            cfg = config_lib.load(args.config, args.overrides)
+            resume_lib.check_stop_at(args.stop_at, cfg)
+        else:
+            raise ConfigError("give --config FILE for a new run (see configs/), or --resume to continue one")
         if args.dry_run:
             dry_run(cfg)
             return 0
-        paths = prepare_run_dir(cfg, args.runs_dir, args.run_id)
-        summary = train(cfg, paths)
+        if group and not args.run_id:  # every process must write to the same run directory
+            args.run_id = default_run_id(cfg, distributed.broadcast_from_first(int(time.time())))
+        if plan and not plan.target.new_run:
+            paths = RunPaths(plan.target.run_dir)
+            (paths.root / "config.yaml").write_text(config_lib.dump(cfg))
+        else:
+            paths = prepare_run_dir(cfg, args.runs_dir, args.run_id)
+        summary = train(cfg, paths, resume=plan, stop_at=args.stop_at, run_eval=not args.no_eval)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_summary(paths, summary)
-    return 0
+    return 3 if summary.get("halted") else 0

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from bitnet_jax import schedules
 from bitnet_jax.config import Config
 from bitnet_jax.model import BitNetLM
-from bitnet_jax.sharding import batch_sharding, replicated, state_shardings
+from bitnet_jax.sharding import batch_sharding, microbatch_sharding, put_global, replicated, state_shardings
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -81,7 +81,9 @@ def abstract_state(cfg: Config) -> tuple[nnx.GraphDef, TrainState]:
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy in float32."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT).mean()
+    with jax.named_scope("loss"):
+        return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32),
+                                                               targets_BxT).mean()
 
 
 def make_loss_fn(graphdef: nnx.GraphDef) -> Callable:
@@ -92,23 +94,21 @@ def make_loss_fn(graphdef: nnx.GraphDef) -> Callable:
     return loss_fn
 
 
-def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, state_sharding) -> Callable:
-    """Returns ``train_step(state, batch) -> (state, metrics)``, jitted with donation of ``state``.
+def make_loss_and_grads(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh) -> Callable:
+    """``loss_and_grads(params, batch) -> (mean loss, grads)`` over the whole global batch.
 
-    ``batch`` is int32 ``[global_batch, seq_len + 1]``. With ``train.grad_accum = A`` the batch is split
-    into A micro-batches whose gradients are averaged in a ``lax.scan`` (same result as one big batch,
-    up to float summation order). ``metrics`` holds scalars: loss, grad_norm (before clipping), lr, wd,
-    stage, and ``skipped`` (1 when the loss or gradients were not finite and the update was dropped).
+    With ``train.grad_accum = A`` the batch is split into A micro-batches whose gradients are averaged
+    in a ``lax.scan`` (same result as one big batch, up to float summation order). Micro-batch j takes
+    rows j, j + A, j + 2A, ...: every device keeps its own rows, so no micro-batch moves between devices.
     """
-    tx = direction_transform(cfg)
     grad_fn = jax.value_and_grad(make_loss_fn(graphdef))
-    lr_fn, wd_fn = schedules.learning_rate_schedule(cfg), schedules.weight_decay_schedule(cfg)
     accum = cfg.train.grad_accum
 
     def loss_and_grads(params, batch):
         if accum == 1:
             return grad_fn(params, batch)
-        micro = batch.reshape(accum, batch.shape[0] // accum, batch.shape[1])
+        micro = batch.reshape(batch.shape[0] // accum, accum, batch.shape[1]).swapaxes(0, 1)
+        micro = jax.lax.with_sharding_constraint(micro, microbatch_sharding(mesh))
 
         def body(carry, mb):
             loss, grads = grad_fn(params, mb)
@@ -117,6 +117,20 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, state_shard
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
         (loss, grads), _ = jax.lax.scan(body, zeros, micro)
         return jax.tree.map(lambda x: x / accum, (loss, grads))
+
+    return loss_and_grads
+
+
+def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, state_sharding) -> Callable:
+    """Returns ``train_step(state, batch) -> (state, metrics)``, jitted with donation of ``state``.
+
+    ``batch`` is int32 ``[global_batch, seq_len + 1]`` (gradient accumulation: ``make_loss_and_grads``).
+    ``metrics`` holds scalars: loss, grad_norm (before clipping), lr, wd, stage, and ``skipped`` (1 when
+    the loss or gradients were not finite and the update was dropped).
+    """
+    tx = direction_transform(cfg)
+    loss_and_grads = make_loss_and_grads(cfg, graphdef, mesh)
+    lr_fn, wd_fn = schedules.learning_rate_schedule(cfg), schedules.weight_decay_schedule(cfg)
 
     def train_step(state: TrainState, batch: jax.Array):
         loss, grads = loss_and_grads(state.params, batch)
@@ -162,4 +176,4 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, params_sharding) -> Calla
 def place_state(state: TrainState, mesh: Mesh) -> tuple[TrainState, Any]:
     """Puts a host or single-device state onto the mesh; returns it and its shardings."""
     shardings = state_shardings(state, mesh)
-    return jax.device_put(state, shardings), shardings
+    return put_global(state, shardings), shardings

@@ -1,0 +1,221 @@
+"""Anomaly detection on the host-side metrics, with a dump folder per event.
+
+Events (the ``<event>`` of the TensorBoard text tag ``anomaly/<event>`` and of the dump folder
+``anomalies/<step>_<event>/``):
+
+- ``nonfinite``: the loss or the gradient norm was NaN/inf. The train step already dropped the
+  update; with ``train.on_nan: halt`` the run also stops (``halt_reason`` is set).
+- ``loss_spike`` / ``grad_norm_spike``: the value lies ``log.spike_zscore`` standard deviations above
+  the mean of the previous ``log.spike_window`` finite values.
+- ``entropy_collapse`` / ``repetition``: a ``typical`` sample whose mean next-token entropy is below
+  ``log.entropy_floor`` nats, or whose share of repeated 4-grams is above ``log.repetition_max``
+  (greedy output of a young model loops by nature, so only the sampled mode is judged).
+
+Everything runs on values the trainer already has on the host (``StepMetrics`` fetched them one
+step behind): the detector never touches the device. To dump the batch of a step that is judged one
+step later it keeps the last two host batches (numpy, this process's rows).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from bitnet_jax.config import Config, LogConfig
+
+EVENTS = ("nonfinite", "loss_spike", "grad_norm_spike", "entropy_collapse", "repetition")
+CHECKED_SAMPLE_MODE = "typical"
+MIN_SAMPLE_TOKENS = 16  # shorter samples say too little about repetition
+MIN_ENTROPY_TOKENS = 8  # ... or about entropy (a sample that hits EOS at once has no entropy at all)
+
+
+class RollingZScore:
+    """z-score of a value against the previous ``window`` values (None until enough history)."""
+
+    def __init__(self, window: int):
+        self.values: collections.deque[float] = collections.deque(maxlen=window)
+        self.min_history = min(window, max(5, window // 5))
+
+    def score(self, x: float) -> float | None:
+        if len(self.values) < self.min_history:
+            return None
+        arr = np.asarray(self.values, np.float64)
+        mean = float(arr.mean())
+        # Floor the spread: a flat history would otherwise make any wiggle an infinite z.
+        std = max(float(arr.std()), 1e-3 * abs(mean), 1e-12)
+        return (x - mean) / std
+
+    def add(self, x: float) -> None:
+        self.values.append(float(x))
+
+
+def poison_if_due(rows: np.ndarray, step: int, poison_step: int, vocab_size: int) -> np.ndarray:
+    """Debug switch ``train.debug_poison_step``: at that step, one token id of the batch is set out
+    of the vocabulary, so the embedding lookup yields NaN (a corrupt-data stand-in that exercises
+    the whole NaN path). Returns ``rows`` untouched at every other step."""
+    if poison_step <= 0 or step != poison_step:
+        return rows
+    rows = np.array(rows, copy=True)
+    rows[0, 0] = vocab_size
+    return rows
+
+
+def _json_safe(metrics: dict[str, float]) -> dict[str, Any]:
+    """Non-finite floats as strings ("nan", "inf"): strict JSON has no NaN."""
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
+
+
+def decode_rows(tokenizer, rows: np.ndarray) -> list[str]:
+    """Each row as text; ids outside the vocabulary (a poisoned or corrupt batch) show as <bad id N>."""
+    out = []
+    for row in np.asarray(rows):
+        parts, run = [], []
+        for t in row.tolist():
+            if 0 <= t < tokenizer.vocab_size:
+                run.append(t)
+                continue
+            if run:
+                parts.append(tokenizer.decode(run))
+                run = []
+            parts.append(f"<bad id {t}>")
+        if run:
+            parts.append(tokenizer.decode(run))
+        out.append("".join(parts))
+    return out
+
+
+class AnomalyDetector:
+    """Judges every step's host metrics (a ``StepMetrics`` listener) and the periodic samples.
+
+    ``write`` is False on processes other than 0: they judge (so all processes halt together) but
+    leave TensorBoard and the dumps to process 0. ``state_dict`` / ``load_state_dict`` carry the
+    spike windows, the event count and the last good step across a resume.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, tb, tokenizer, *, write: bool = True):
+        log: LogConfig = cfg.log
+        self.log = log
+        self.on_nan = cfg.train.on_nan
+        self.dir = Path(run_dir) / "anomalies"
+        self.tb = tb
+        self.tokenizer = tokenizer
+        self.write = write
+        self.loss = RollingZScore(log.spike_window)
+        self.grad_norm = RollingZScore(log.spike_window)
+        self.count = 0
+        self.dumps = 0
+        self.last_good_step: int | None = None
+        self.halt_reason: str | None = None
+        self._batches: collections.deque[tuple[int, np.ndarray]] = collections.deque(maxlen=2)
+
+    # ----------------------------------------------------------------- inputs
+    def remember_batch(self, step: int, rows: np.ndarray) -> None:
+        """Keeps the host rows of the batch that makes ``step`` (the last two are kept)."""
+        self._batches.append((step, rows))
+
+    def on_step_metrics(self, step: int, host: dict[str, float]) -> None:
+        loss, grad_norm = host.get("loss", math.nan), host.get("grad_norm", math.nan)
+        if host.get("skipped") or not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            action = "the run halts (train.on_nan=halt)" if self.on_nan == "halt" else \
+                "the update was skipped (train.on_nan=skip)"
+            message = f"loss {loss}, grad_norm {grad_norm}: non-finite; {action}"
+            self.report(step, "nonfinite", message, host)
+            if self.on_nan == "halt":
+                self.halt_reason = f"step {step}: {message}"
+            return
+        for event, series, value in (("loss_spike", self.loss, loss), ("grad_norm_spike", self.grad_norm, grad_norm)):
+            z = series.score(value)
+            if z is not None and z > self.log.spike_zscore:
+                name = event.removesuffix("_spike")
+                mean = float(np.mean(series.values))
+                self.report(step, event, f"{name} {value:.4g} is {z:.1f} standard deviations above the "
+                            f"mean {mean:.4g} of the previous {len(series.values)} steps", host)
+            series.add(value)
+        self.last_good_step = step
+
+    def check_samples(self, step: int, samples: Sequence[dict[str, Any]]) -> None:
+        """``samples``: records with prompt_index, prompt, mode, text, tokens, entropy, repetition."""
+        judged = [s for s in samples if s["mode"] == CHECKED_SAMPLE_MODE]
+        low = [s for s in judged
+               if len(s["tokens"]) >= MIN_ENTROPY_TOKENS and s["entropy"] < self.log.entropy_floor]
+        loops = [s for s in judged
+                 if len(s["tokens"]) >= MIN_SAMPLE_TOKENS and s["repetition"] > self.log.repetition_max]
+        if low:
+            worst = min(s["entropy"] for s in low)
+            self.report(step, "entropy_collapse",
+                        f"{len(low)} of {len(judged)} {CHECKED_SAMPLE_MODE} samples have a mean next-token entropy "
+                        f"below log.entropy_floor={self.log.entropy_floor} nats (lowest {worst:.3f})", samples=low)
+        if loops:
+            worst = max(s["repetition"] for s in loops)
+            self.report(step, "repetition",
+                        f"{len(loops)} of {len(judged)} {CHECKED_SAMPLE_MODE} samples repeat more than "
+                        f"log.repetition_max={self.log.repetition_max} of their 4-grams (highest {worst:.2f})",
+                        samples=loops)
+
+    # ----------------------------------------------------------------- output
+    def report(self, step: int, event: str, message: str, metrics: dict[str, float] | None = None,
+               samples: Sequence[dict[str, Any]] | None = None) -> Path | None:
+        """Records one event: TB text ``anomaly/<event>``, scalar ``anomaly/count``, and (up to
+        ``log.anomaly_dumps_max`` of them) a dump folder, whose path it returns."""
+        self.count += 1
+        if not self.write:
+            return None
+        dump = None
+        if self.dumps < self.log.anomaly_dumps_max:
+            dump = self._dump(step, event, message, metrics, samples)
+            self.dumps += 1
+        where = f" Dump: anomalies/{dump.name}/" if dump else " (no dump: log.anomaly_dumps_max reached)"
+        last_good = "none yet" if self.last_good_step is None else f"step {self.last_good_step}"
+        self.tb.text(step, f"anomaly/{event}", f"step {step}: {message}. Last good step: {last_good}.{where}")
+        self.tb.scalars(step, {"anomaly/count": self.count})
+        return dump
+
+    def _dump(self, step, event, message, metrics, samples) -> Path:
+        folder = self.dir / f"{step}_{event}"
+        tmp = self.dir / f".{step}_{event}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # The batch that made this step if still held, else the newest one (for sample events).
+        batch_step, rows = next(((s, r) for s, r in self._batches if s == step),
+                                self._batches[-1] if self._batches else (None, None))
+        info = {
+            "step": step, "event": event, "message": message,
+            "metrics": _json_safe(metrics or {}), "last_good_step": self.last_good_step,
+            "batch_step": batch_step,
+            "batch_note": ("this process's rows of the batch that made batch_step" if rows is not None
+                           else "no batch held"),
+        }
+        if rows is not None:
+            np.save(tmp / "batch_tokens.npy", np.asarray(rows))
+            texts = decode_rows(self.tokenizer, rows)
+            (tmp / "batch_text.txt").write_text(
+                "".join(f"=== row {i} ===\n{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
+        if samples:
+            (tmp / "samples.json").write_text(json.dumps(list(samples), indent=2), encoding="utf-8")
+        (tmp / "event.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)  # the same step judged again after a resume
+        tmp.rename(folder)
+        return folder
+
+    # ----------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loss_window": list(self.loss.values), "grad_norm_window": list(self.grad_norm.values),
+            "count": self.count, "dumps": self.dumps, "last_good_step": self.last_good_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss.values.clear()
+        self.loss.values.extend(float(v) for v in state.get("loss_window", []))
+        self.grad_norm.values.clear()
+        self.grad_norm.values.extend(float(v) for v in state.get("grad_norm_window", []))
+        self.count = int(state.get("count", 0))
+        self.dumps = int(state.get("dumps", 0))
+        last = state.get("last_good_step")
+        self.last_good_step = None if last is None else int(last)

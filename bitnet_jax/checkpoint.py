@@ -1,0 +1,528 @@
+"""Checkpoints: Orbax ``CheckpointManager`` steps under ``RUN_DIR/checkpoints/<step>/``.
+
+One step directory holds three Orbax items (``ocp.args.Composite``)::
+
+    state/   StandardSave: {"step", "key", "params", "opt_state"} as plain nested dicts of arrays
+             (params: ``nnx.State.to_pure_dict()`` layout, e.g. params/layers/0/mlp/down_proj/weight)
+    data/    JsonSave: {"format", "processes": [data-loader state of process 0, 1, ...]}
+    meta/    JsonSave: {"format", "step", "tokens_seen", "total_steps", "config" (resolved, as a dict),
+             "resumables": {name: state_dict()}, "saved_at" (unix time)}
+
+Saves are asynchronous (the train loop is blocked only to enqueue an on-device copy of the state;
+the device-to-host transfer and the file writes run in background threads) and atomic:
+Orbax writes ``<step>.orbax-checkpoint-tmp*`` and renames it to ``<step>`` after writing
+``commit_success.txt``, so a directory named by a bare integer is complete unless damaged later.
+Per-step randomness is ``fold_in(key, step)``, so the stored base key and step are all the PRNG
+state there is.
+
+Public API::
+
+    complete_steps(run_dir) -> [step, ...]            # sorted, structurally complete steps
+    load_params(run_dir, step=None) -> (cfg, params, step)
+    CheckpointManager(run_dir, cfg)                   # the train loop's saver / restorer
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from bitnet_jax import config as config_lib
+from bitnet_jax.config import Config, ConfigError
+
+FORMAT = "bitnet_jax.checkpoint/1"
+STATE, DATA, META = "state", "data", "meta"  # the Composite's item names (= sub-folder names)
+COMMIT_FILE = "commit_success.txt"  # written by Orbax right before the atomic rename
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used; the message says which and what to do."""
+
+
+# --------------------------------------------------------------------------- paths and completeness
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_problem(step_dir: Path) -> str | None:
+    """Why ``step_dir`` is not a usable checkpoint (missing or unreadable files), or None.
+
+    A structural check that reads only small metadata files: an unfinished save (no commit file),
+    a deleted item, a truncated or corrupt JSON file. Damage inside array data files shows up when
+    the arrays are read (``restore`` then names the step)."""
+    if not step_dir.is_dir():
+        return "not a directory"
+    if not (step_dir / COMMIT_FILE).is_file():
+        return f"no {COMMIT_FILE} (the save never finished)"
+    for name, must_parse in (("_CHECKPOINT_METADATA", True),
+                             (f"{STATE}/_METADATA", True), (f"{STATE}/manifest.ocdbt", False),
+                             (f"{DATA}/metadata", True), (f"{META}/metadata", True)):
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size == 0:
+            return f"{name} is empty"
+        if must_parse:
+            try:
+                json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError):
+                return f"{name} is truncated or corrupt (not valid JSON)"
+    return None
+
+
+def _step_dirs(run_dir: str | Path) -> dict[int, Path]:
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return {}
+    return {int(p.name): p for p in root.iterdir() if p.name.isdigit()}
+
+
+def complete_steps(run_dir: str | Path, warn: bool = False) -> list[int]:
+    """Sorted steps of ``run_dir`` whose directories are complete; with ``warn``, each skipped one
+    is named in a warning."""
+    out = []
+    for step, path in sorted(_step_dirs(run_dir).items()):
+        problem = step_problem(path)
+        if problem is None:
+            out.append(step)
+        elif warn:
+            warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
+    return out
+
+
+def incomplete_steps(run_dir: str | Path) -> dict[int, str]:
+    """Step directories (bare integer names) that fail ``step_problem``: step -> problem."""
+    out = {}
+    for step, path in sorted(_step_dirs(run_dir).items()):
+        problem = step_problem(path)
+        if problem is not None:
+            out[step] = problem
+    return out
+
+
+def read_meta(step_dir: str | Path) -> dict:
+    """The ``meta`` item of a step directory (plain JSON; Orbax's JsonSave writes ``meta/metadata``)."""
+    path = Path(step_dir) / META / "metadata"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{step_dir} is not a bitnet-jax checkpoint: {path} is missing") from None
+    except ValueError:
+        raise CheckpointError(f"{path} is truncated or corrupt; use another step") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{step_dir} was written as {meta.get('format')!r}, this version reads {FORMAT!r}")
+    return meta
+
+
+def read_config(step_dir: str | Path) -> Config:
+    """The resolved config stored with a checkpoint."""
+    try:
+        return config_lib.from_dict(read_meta(step_dir)["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"the config stored in {step_dir} is not valid for this version: {e}") from None
+
+
+# --------------------------------------------------------------------------- train state <-> plain tree
+
+def _is_variable(x) -> bool:
+    from flax import nnx
+
+    return isinstance(x, nnx.Variable)
+
+
+def _unwrap(tree):
+    """nnx Variables -> their arrays (so key paths stop at the parameter name)."""
+    import jax
+
+    return jax.tree.map(lambda v: v.get_value() if _is_variable(v) else v, tree, is_leaf=_is_variable)
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    raise TypeError(f"unexpected pytree key {k!r}")
+
+
+def _paths(tree) -> tuple[list[tuple[str, ...]], list[Any]]:
+    import jax
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(_unwrap(tree))
+    return [tuple(_key_name(k) for k in path) for path, _ in flat], [leaf for _, leaf in flat]
+
+
+def to_tree(state) -> dict:
+    """A TrainState (or any pytree) as nested dicts keyed by field / parameter names, the layout stored
+    in ``state/``: {"step", "key", "params": {...}, "opt_state": {"1": {"count", "mu", "nu"}}}."""
+    out: dict = {}
+    for path, leaf in zip(*_paths(state)):
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = leaf
+    return out
+
+
+def from_tree(tree: dict, like):
+    """Inverse of ``to_tree``: the values of ``tree`` in the structure of ``like``."""
+    import jax
+
+    paths, _ = _paths(like)
+    leaves = []
+    for path in paths:
+        node = tree
+        for part in path:
+            node = node[part]
+        leaves.append(node)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_shapes(stored: dict, expected: dict, where: str) -> None:
+    """Raises a CheckpointError naming the first entry whose shape or dtype differs (both trees hold
+    objects with ``.shape`` and ``.dtype``: arrays, ShapeDtypeStructs or Orbax array metadata)."""
+    fs, fe = _flat(stored), _flat(expected)
+    for name in sorted(fe, key=lambda n: not n.startswith("params.")):  # name a parameter if one differs
+        if name not in fs:
+            raise CheckpointError(f"{where} has no entry {name}: it was saved from a different model or "
+                                  "optimizer; check model.* (and optim.*) against the checkpoint's config")
+        s, e = fs[name], fe[name]
+        if tuple(s.shape) != tuple(e.shape) or np.dtype(s.dtype) != np.dtype(e.dtype):
+            raise CheckpointError(
+                f"{where} does not match the model: {name} is {tuple(s.shape)} {np.dtype(s.dtype)} in the "
+                f"checkpoint but {tuple(e.shape)} {np.dtype(e.dtype)} in the model; use the checkpoint's "
+                "model.* settings (its config is stored in meta/metadata)")
+    extra = sorted(set(fs) - set(fe))
+    if extra:
+        raise CheckpointError(f"{where} holds {extra[0]} which the model does not have; use the checkpoint's "
+                              "model.* settings (its config is stored in meta/metadata)")
+
+
+# --------------------------------------------------------------------------- what to keep
+
+class KeepPolicy:
+    """Orbax preservation policy: keep forever the ``mandatory`` steps and every multiple of ``every``;
+    of the other steps keep the newest ``keep_last``; never delete the newest step of all (so a
+    SIGTERM save with keep_last=0 still survives)."""
+
+    def __init__(self, every: int, keep_last: int, mandatory: Sequence[int] = ()):
+        self.every, self.keep_last, self.mandatory = every, keep_last, set(mandatory)
+
+    def is_permanent(self, step: int) -> bool:
+        return step in self.mandatory or (self.every > 0 and step % self.every == 0)
+
+    def should_preserve(self, checkpoints, *, context=None) -> list[bool]:
+        keep = [self.is_permanent(c.step) for c in checkpoints]
+        others = [i for i, c in enumerate(checkpoints) if not keep[i]]
+        for i in others[len(others) - self.keep_last:] if self.keep_last else []:
+            keep[i] = True
+        if checkpoints:
+            keep[max(range(len(checkpoints)), key=lambda i: checkpoints[i].step)] = True
+        return keep
+
+
+def mandatory_steps(cfg: Config) -> list[int]:
+    """Steps always saved and kept: both sides of the stage switch, and the final step."""
+    return sorted({s for s in (cfg.stage_switch - 1, cfg.stage_switch, cfg.train.steps) if s > 0})
+
+
+def is_save_step(cfg: Config, step: int) -> bool:
+    every = cfg.checkpoint.every
+    return step in mandatory_steps(cfg) or (every > 0 and step % every == 0)
+
+
+def save_hook(cfg: Config, fn) -> "Hook":
+    """The train loop's checkpoint hook: due at multiples of ``checkpoint.every`` and at the
+    mandatory steps (``mandatory_steps``); ``fn(step)`` saves."""
+    from bitnet_jax.hooks import Hook
+
+    class _SaveHook(Hook):
+        def due(self, step: int, last_step: int) -> bool:
+            return is_save_step(cfg, step)
+
+    return _SaveHook("checkpoint", cfg.checkpoint.every, fn, timing_tag="time/checkpoint_ms")
+
+
+# --------------------------------------------------------------------------- multi-process JSON
+
+def gather_json(obj) -> list:
+    """Every process's ``obj`` (JSON-able), in process order; a collective when several processes run."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([raw.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: raw.size] = raw
+    rows = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+    return [json.loads(bytes(r[:n]).decode()) for r, n in zip(rows, sizes)]
+
+
+# --------------------------------------------------------------------------- the manager
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    # Orbax logs every save at INFO through absl; keep the console for the progress bar.
+    # ERROR: it also warns that item folders lack a _CHECKPOINT_METADATA file, which is by design.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    return ocp
+
+
+class CheckpointManager:
+    """Saves and restores the steps of one run directory (see the module docstring).
+
+    With ``checkpoint.async_save`` (the default) ``save`` blocks the loop only to enqueue an on-device
+    copy of the state; a background thread hands that private copy to Orbax, whose device-to-host
+    transfer (synchronous inside Orbax: hundreds of ms for the 95M state on an H100) then overlaps
+    the next train steps, which are free to donate the original buffers. Orbax writes the files in
+    its own background thread. At most one snapshot waits behind the save in progress. ``wait``
+    blocks until the newest save is on disk; call ``close`` at the end (it waits too)."""
+
+    def __init__(self, run_dir: str | Path, cfg: Config, read_only: bool = False):
+        import jax
+
+        ocp = _ocp()
+        self.run_dir, self.cfg = Path(run_dir), cfg
+        self.policy = KeepPolicy(cfg.checkpoint.every, cfg.checkpoint.keep_last, mandatory_steps(cfg))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=self.policy,
+            enable_async_checkpointing=cfg.checkpoint.async_save,
+            cleanup_tmp_directories=not read_only,  # the leftovers of a save killed half-way
+            create=not read_only,
+            read_only=read_only,
+        )
+        self._mngr = ocp.CheckpointManager(checkpoints_dir(run_dir).resolve(), options=options)
+        self.last_saved: int | None = None
+        self._multiprocess = jax.process_count() > 1
+        self._pool = None  # one worker thread, made on the first asynchronous save
+        self._pending = None  # its Future: the Orbax save call of the newest snapshot
+
+    # -- saving
+
+    def save(self, step: int, state, *, data_state: dict | None, resumables: dict | None = None) -> None:
+        """Starts saving ``state`` (a TrainState on device) as ``step``. ``data_state`` is this process's
+        loader state (every process's is stored); ``resumables`` are asked for ``state_dict()`` now."""
+        import jax
+
+        ocp = _ocp()
+        meta = {
+            "format": FORMAT,
+            "step": int(step),
+            "tokens_seen": int(step) * self.cfg.tokens_per_step,
+            "total_steps": self.cfg.train.steps,
+            "config": self.cfg.to_dict(),
+            "resumables": {name: obj.state_dict() for name, obj in (resumables or {}).items()},
+            "saved_at": time.time(),
+        }
+        data = {"format": FORMAT, "processes": gather_json(data_state)}  # a collective: main thread
+        tree = to_tree(state)
+        if self.cfg.checkpoint.async_save:
+            self._finish_pending()  # bounds memory to one snapshot in transfer plus Orbax's write
+            tree = jax.device_put(tree, may_alias=False)  # private device copy, dispatched async
+        args = ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(tree),
+            DATA: ocp.args.JsonSave(data),
+            META: ocp.args.JsonSave(meta),
+        })
+        if self.cfg.checkpoint.async_save:
+            if self._pool is None:
+                import concurrent.futures
+
+                self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bitnet-checkpoint")
+            self._pending = self._pool.submit(self._mngr.save, step, args=args, force=True)
+        else:
+            self._mngr.save(step, args=args, force=True)
+        self.last_saved = int(step)
+
+    def _finish_pending(self) -> None:
+        """Waits for the background Orbax save call (not its file writes); re-raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def wait(self) -> None:
+        """Blocks until every started save is complete on disk."""
+        self._finish_pending()
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            self._mngr.close()
+
+    def reached_preemption(self, step: int) -> bool:
+        """Multi-process runs: whether JAX's distributed runtime saw a preemption notice (SIGTERM);
+        all processes agree on the step. Single-process runs use ``resume.StopRequest``."""
+        return self._multiprocess and self._mngr.reached_preemption(step)
+
+    # -- restoring
+
+    def restore(self, step: int, like, shardings=None) -> tuple[Any, list, dict]:
+        """Restores ``step`` into the structure, shapes and shardings of ``like`` (a TrainState, real or
+        abstract; ``shardings`` a matching tree of shardings). Returns (state, data_states, meta):
+        the loader state of every process that saved (in process order), the stored metadata."""
+        ocp = _ocp()
+        step_dir = checkpoints_dir(self.run_dir) / str(step)
+        problem = step_problem(step_dir)
+        if problem:
+            raise CheckpointError(f"checkpoint {step_dir} cannot be restored: {problem}; "
+                                  f"complete steps of this run: {complete_steps(self.run_dir) or 'none'}")
+        target = _abstract_tree(like, shardings)
+        check_shapes(_stored_state_metadata(step_dir), target, f"checkpoint {step_dir}")
+        try:
+            out = self._mngr.restore(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.StandardRestore(target),
+                DATA: ocp.args.JsonRestore(),
+                META: ocp.args.JsonRestore(),
+            }))
+        except CheckpointError:
+            raise
+        except Exception as e:  # tensorstore / JSON errors from damaged files
+            raise CheckpointError(f"checkpoint {step_dir} is damaged and cannot be read "
+                                  f"({_first_line(e)}); resume another step") from None  # frees its frames
+        meta, data = dict(out[META]), dict(out[DATA])
+        return from_tree(out[STATE], like), list(data.get("processes") or []), meta
+
+
+def _abstract_tree(like, shardings=None) -> dict:
+    import jax
+
+    tree = to_tree(like)
+    sh = to_tree(shardings) if shardings is not None else jax.tree.map(lambda _: None, tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+
+
+def check_fits(step_dir: str | Path, cfg: Config) -> None:
+    """Raises a CheckpointError naming the first parameter (or optimizer entry) of the checkpoint
+    whose shape differs from the train state ``cfg`` builds. Reads metadata only; no compute."""
+    from bitnet_jax.train_state import abstract_state
+
+    _, abstract = abstract_state(cfg)
+    check_shapes(_stored_state_metadata(Path(step_dir)), _abstract_tree(abstract), f"checkpoint {step_dir}")
+
+
+def _stored_state_metadata(step_dir: Path) -> dict:
+    ocp = _ocp()
+    try:
+        meta = ocp.StandardCheckpointer().metadata(step_dir / STATE)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {step_dir}: cannot read {STATE}/_METADATA ({e}); resume another step")
+    tree = getattr(meta, "item_metadata", meta)
+    return dict(getattr(tree, "tree", tree))
+
+
+# --------------------------------------------------------------------------- reading params only
+
+def _params_like(cfg: Config):
+    from flax import nnx
+
+    from bitnet_jax.model import BitNetLM
+
+    model = nnx.eval_shape(lambda: BitNetLM(cfg.model, rngs=nnx.Rngs(0)))
+    return nnx.split(model, nnx.Param)[1]
+
+
+def resolve_step(run_dir: str | Path, step: int | None) -> int:
+    """``step`` if it is a complete step of ``run_dir``; None: the newest complete one (damaged newer
+    directories are skipped with a warning naming them)."""
+    run_dir = Path(run_dir)
+    if not checkpoints_dir(run_dir).is_dir():
+        raise CheckpointError(f"{run_dir} has no checkpoints/ folder; give a run directory made by train.py")
+    if step is None:
+        steps = complete_steps(run_dir, warn=True)
+        if not steps:
+            raise CheckpointError(f"{checkpoints_dir(run_dir)} holds no complete checkpoint")
+        return steps[-1]
+    step_dir = checkpoints_dir(run_dir) / str(step)
+    if not step_dir.is_dir():
+        raise CheckpointError(f"{run_dir} has no checkpoint at step {step}; "
+                              f"complete steps: {complete_steps(run_dir) or 'none'}")
+    problem = step_problem(step_dir)
+    if problem:
+        raise CheckpointError(f"checkpoint {step_dir} is incomplete or damaged: {problem}; "
+                              f"complete steps: {complete_steps(run_dir) or 'none'}")
+    return step
+
+
+def load_params(run_dir: str | Path, step: int | None = None):
+    """The resolved config, the model parameters and the step of a checkpoint.
+
+    Returns ``(cfg, params, step)``; ``params`` is an ``nnx.State`` matching
+    ``nnx.split(BitNetLM(cfg.model, rngs=...), nnx.Param)[1]`` with float32 host-default-device arrays.
+    ``step=None`` takes the newest complete step; when its arrays turn out to be unreadable the next
+    older one is tried, with a warning naming the damaged one. Only the params are read, not the
+    optimizer state."""
+    import jax
+
+    ocp = _ocp()
+    run_dir = Path(run_dir)
+    explicit = step is not None
+    tried: list[int] = []
+    while True:
+        s = resolve_step(run_dir, step)
+        step_dir = checkpoints_dir(run_dir) / str(s)
+        cfg = read_config(step_dir)
+        like = _params_like(cfg)
+        target = _abstract_tree(like)
+        check_shapes({"params": _stored_state_metadata(step_dir)["params"]}, {"params": target},
+                     f"checkpoint {step_dir}")
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                step_dir / STATE,
+                args=ocp.args.PyTreeRestore(
+                    item={"params": target},
+                    restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=_default_sharding()),
+                                              {"params": target}),
+                    partial_restore=True,
+                ),
+            )
+        except Exception as e:
+            if explicit:
+                raise CheckpointError(f"checkpoint {step_dir} is damaged and cannot be read "
+                                      f"({_first_line(e)})") from None
+            warnings.warn(f"skipping damaged checkpoint {step_dir}: {_first_line(e)}", stacklevel=2)
+            tried.append(s)
+            older = [t for t in complete_steps(run_dir) if t < s]
+            if not older:
+                raise CheckpointError(f"no readable checkpoint in {checkpoints_dir(run_dir)} "
+                                      f"(damaged: {tried})") from None
+            step = older[-1]
+            continue
+        return cfg, from_tree(restored["params"], like), s
+
+
+def _first_line(e: BaseException) -> str:
+    """Tensorstore errors append a page of JSON spec; the first line says what failed."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def _default_sharding():
+    import jax
+
+    from jax.sharding import SingleDeviceSharding
+
+    return SingleDeviceSharding(jax.devices()[0])

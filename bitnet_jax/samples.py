@@ -1,0 +1,81 @@
+"""The periodic sampling hook: every ``log.samples_every`` steps, each prompt of ``log.prompts`` is
+continued in the three modes (greedy, typical, stress; one batch of 3 rows per prompt).
+
+Each continuation goes to TensorBoard as text ``samples/<prompt index>/<mode>`` (the generated text
+only, without the prompt) and to ``samples.jsonl`` as one line
+``{"step", "prompt_index", "prompt", "mode", "text", "num_tokens", "entropy", "repetition"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+from bitnet_jax.config import Config, ConfigError
+from bitnet_jax.generation import MODES, Generator, repeated_ngram_fraction
+
+SAMPLES_KEY_OFFSET = 2  # sampling keys derive from train.seed + 2 (the model uses seed, the state seed + 1)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt as the model saw documents start in training: BOS (if any) then the text's ids."""
+    head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    return head + tokenizer.encode(prompt)
+
+
+class SampleHook:
+    """``hook(step, params)`` writes the samples of ``step`` and returns their records.
+
+    ``on_samples(step, records)`` (the anomaly detector) sees every record, with its token ids.
+    Prompts that do not fit the model are refused here, before any compute."""
+
+    def __init__(self, cfg: Config, tokenizer, graphdef: nnx.GraphDef, run_dir: Path, tb, *,
+                 write: bool = True, on_samples: Callable[[int, list[dict[str, Any]]], None] | None = None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.tb = tb
+        self.write = write
+        self.jsonl = Path(run_dir) / "samples.jsonl"
+        self.on_samples = on_samples
+        self.generator = Generator(graphdef, max_positions=cfg.model.max_position_embeddings,
+                                   eos_id=tokenizer.eos_id)
+        self.prompts = [(p, prompt_ids(tokenizer, p)) for p in cfg.log.prompts]
+        for i, (text, ids) in enumerate(self.prompts):
+            try:
+                self.generator.padded_length(len(ids), cfg.log.max_new_tokens)
+            except ValueError as e:
+                raise ConfigError(f"log.prompts[{i}] ({text[:40]!r}): {e}") from None
+        self.base_key = jax.random.PRNGKey(cfg.train.seed + SAMPLES_KEY_OFFSET)
+
+    def __call__(self, step: int, params) -> list[dict[str, Any]]:
+        modes = list(MODES)
+        key = jax.random.fold_in(self.base_key, step)
+        records = []
+        for index, (prompt, ids) in enumerate(self.prompts):
+            out = self.generator(params, ids, [MODES[m] for m in modes], self.cfg.log.max_new_tokens,
+                                 jax.random.fold_in(key, index))
+            for row, mode in enumerate(modes):
+                tokens = out.tokens[row]
+                records.append({
+                    "step": step, "prompt_index": index, "prompt": prompt, "mode": mode,
+                    "text": self.tokenizer.decode(tokens), "num_tokens": len(tokens),
+                    "entropy": round(out.mean_entropy[row], 4),
+                    "repetition": round(repeated_ngram_fraction(tokens), 4),
+                    "tokens": tokens,
+                })
+        if self.write:
+            self._write(step, records)
+        if self.on_samples is not None:
+            self.on_samples(step, records)
+        return records
+
+    def _write(self, step: int, records: list[dict[str, Any]]) -> None:
+        for r in records:
+            self.tb.text(step, f"samples/{r['prompt_index']}/{r['mode']}", r["text"])
+        with open(self.jsonl, "a", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps({k: v for k, v in r.items() if k != "tokens"}, ensure_ascii=False) + "\n")

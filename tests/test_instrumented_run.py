@@ -1,0 +1,194 @@
+"""End to end: real train.py runs (stopped, resumed, halted) write every DESIGN tag, provenance,
+samples, anomaly dumps, and never a NaN checkpoint; the generate CLI samples their checkpoints."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bitnet_jax.config import ModelConfig
+from bitnet_jax.metrics import device_peak_flops
+from bitnet_jax.model import flops_per_token
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+TINY = ["train.steps=24", "optim.warmup_steps=2", "model.hidden_size=64", "model.intermediate_size=128",
+        "train.batch_size=4", "train.seq_len=32", "eval.batches=1", "log.max_new_tokens=8"]
+MODES = ("greedy", "typical", "stress")
+
+
+def train(*args):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def sets(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+def events(run_dir):
+    ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    scalars = {t: {e.step: e.value for e in ea.Scalars(t)} for t in ea.Tags()["scalars"]}
+    texts = {t.removesuffix("/text_summary"): {e.step: e.tensor_proto.string_val[0].decode() for e in ea.Tensors(t)}
+             for t in ea.Tags()["tensors"]}
+    return scalars, texts
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """24 steps with a poisoned batch at step 5, stopped at 12 and resumed to the end."""
+    runs = tmp_path_factory.mktemp("runs")
+    overrides = sets(TINY + ["eval.every=8", "log.metrics_every=8", "log.samples_every=12", "checkpoint.every=8",
+                             "train.debug_poison_step=5", "log.peak_flops=1e12"])
+    first = train("--config", "configs/tiny.yaml", "--runs-dir", str(runs), "--run-id", "main", "--stop-at", "12",
+                  *overrides)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = runs / "main"
+    second = train("--resume", str(run_dir))
+    assert second.returncode == 0, second.stderr[-3000:]
+    return run_dir, first, second
+
+
+def test_every_design_tag_is_written(run):
+    run_dir, _, _ = run
+    scalars, texts = events(run_dir)
+    per_step = ["train/loss", "train/lr", "train/wd", "train/grad_norm", "train/step_time_ms",
+                "train/tokens_per_sec", "train/tokens_seen", "train/stage", "train/mfu"]
+    for tag in per_step:
+        assert sorted(scalars[tag]) == list(range(1, 25)), tag
+    assert scalars["train/tokens_seen"][24] == 24 * 4 * 32
+    # MFU = tokens/s x (6N + 12 L d T) / peak, with log.peak_flops = 1e12 on this one device
+    fpt = flops_per_token(ModelConfig(hidden_size=64, intermediate_size=128), 32)
+    for s in (3, 20):
+        assert scalars["train/mfu"][s] == pytest.approx(scalars["train/tokens_per_sec"][s] * fpt / 1e12, rel=1e-4)
+    for tag in ("eval/loss", "eval/perplexity", "eval/train_eval_gap", "time/eval_ms"):
+        assert sorted(scalars[tag]) == [8, 16, 24], tag
+    assert scalars["eval/perplexity"][24] == pytest.approx(math.exp(scalars["eval/loss"][24]), rel=1e-5)
+    # the gap is against the mean train loss since the previous eval (the NaN step left out)
+    train_mean = np.mean([scalars["train/loss"][s] for s in range(1, 9) if s != 5])
+    assert scalars["eval/train_eval_gap"][8] == pytest.approx(scalars["eval/loss"][8] - train_mean, rel=1e-4)
+    for layer in (0, 1):
+        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            prefix = f"bitnet/layers.{layer}.{proj}"
+            for stat in ("frac_neg", "frac_zero", "frac_pos", "gamma", "latent_rms", "act_absmax_mean",
+                         "act_absmax_max"):
+                assert sorted(scalars[f"{prefix}/{stat}"]) == [8, 16, 24], (prefix, stat)
+            # The previous ternary pattern lives on the device: the first measurement after the
+            # resume at 12 (step 16) has no flip rate.
+            assert sorted(scalars[f"{prefix}/flip_rate"]) == [24]
+    assert sorted(scalars["time/metrics_ms"]) == [8, 16, 24]
+    for index in range(3):
+        for mode in MODES:
+            assert sorted(texts[f"samples/{index}/{mode}"]) == [12, 24]
+    assert sorted(scalars["time/samples_ms"]) == [12, 24]
+    assert "step 5:" in texts["anomaly/nonfinite"][5] and scalars["anomaly/count"] == {5: 1.0}
+
+
+def test_poisoned_batch_is_skipped_dumped_and_never_checkpointed(run):
+    from bitnet_jax.checkpoint import complete_steps, load_params
+
+    run_dir, _, _ = run
+    scalars, _ = events(run_dir)
+    assert math.isnan(scalars["train/loss"][5]) and scalars["train/skipped_updates"][5] == 1
+    assert all(math.isfinite(v) for s, v in scalars["train/loss"].items() if s != 5)
+    dump = run_dir / "anomalies" / "5_nonfinite"
+    info = json.loads((dump / "event.json").read_text())
+    assert info["last_good_step"] == 4 and info["batch_step"] == 5
+    tokens = np.load(dump / "batch_tokens.npy")
+    assert tokens.shape == (4, 33) and tokens[0, 0] == 4096  # the poisoned id, out of the vocabulary
+    assert "<bad id 4096>" in (dump / "batch_text.txt").read_text()
+    steps = complete_steps(run_dir)
+    assert steps[-1] == 24 and 8 in steps
+    for step in (8, 24):
+        _, params, _ = load_params(run_dir, step)
+        leaves = [np.asarray(v.get_value()) for _, v in nnx.to_flat_state(params)]
+        assert all(np.isfinite(x).all() for x in leaves), step
+
+
+def test_anomaly_history_is_saved_with_the_checkpoint_and_restored(run):
+    from bitnet_jax.checkpoint import read_meta
+
+    run_dir, _, second = run
+    saved = read_meta(run_dir / "checkpoints" / "12")["resumables"]["anomaly"]
+    assert saved["count"] == 1 and saved["last_good_step"] == 12
+    assert len(saved["loss_window"]) == 11  # steps 1-12 without the non-finite one
+    assert "no state for 'anomaly'" not in second.stderr
+    final = read_meta(run_dir / "checkpoints" / "24")["resumables"]["anomaly"]
+    assert final["count"] == 1 and len(final["loss_window"]) == 23 and final["last_good_step"] == 24
+
+
+def test_peak_flops_table_matches_device_kinds():
+    class Kind:  # what jax.Device reports; the lookup reads nothing else
+        def __init__(self, kind):
+            self.device_kind = kind
+
+    assert device_peak_flops(Kind("NVIDIA H100 80GB HBM3")) == 989e12
+    assert device_peak_flops(Kind("NVIDIA H100 PCIe")) == 756e12
+    assert device_peak_flops(Kind("NVIDIA H200")) == 989e12
+    assert device_peak_flops(Kind("NVIDIA A100-SXM4-80GB")) == 312e12
+    assert device_peak_flops(Kind("cpu")) is None
+
+
+def test_provenance_has_a_record_per_start(run):
+    run_dir, _, _ = run
+    records = json.loads((run_dir / "provenance.json").read_text())["records"]
+    assert [r["resumed_from_step"] for r in records] == [None, 12]
+    assert records[0]["config_sha256"] == records[1]["config_sha256"]
+    assert records[0]["packages"]["jax"] and records[0]["devices"]["device_count"] >= 1
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "dataset_fingerprint.json").is_file()
+
+
+def test_samples_jsonl_matches_tensorboard_text(run):
+    run_dir, _, _ = run
+    _, texts = events(run_dir)
+    lines = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 * 3 * 3
+    for rec in lines:
+        assert {"step", "prompt_index", "prompt", "mode", "text"} <= set(rec)
+        assert rec["text"] == texts[f"samples/{rec['prompt_index']}/{rec['mode']}"][rec["step"]]
+        assert 0 < rec["num_tokens"] <= 8
+    assert {r["prompt"] for r in lines} == {"The meaning of", "A function is", "In Python,"}
+
+
+def test_progress_bar_is_quiet_off_a_terminal_but_the_summary_prints(run):
+    _, first, second = run
+    for proc in (first, second):
+        assert "step/s" not in proc.stderr and "s/step" not in proc.stderr
+        assert "train loss:" in proc.stdout and "run directory:" in proc.stdout
+
+
+def test_generate_cli_samples_a_checkpoint(run):
+    run_dir, _, _ = run
+    out = subprocess.run([sys.executable, "-m", "bitnet_jax.generate", str(run_dir), "--step", "16",
+                          "--prompt", "In Python,", "--mode", "stress", "--max-new-tokens", "6"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("In Python,") and len(out.stdout) > len("In Python,\n")
+    assert "step 16, stress" in out.stderr
+    bad = subprocess.run([sys.executable, "-m", "bitnet_jax.generate", str(run_dir), "--prompt", "x",
+                          "--max-new-tokens", "1000"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "max_position_embeddings" in bad.stderr
+
+
+def test_halt_on_nan_stops_without_saving_the_bad_step(tmp_path):
+    from bitnet_jax.checkpoint import complete_steps
+
+    proc = train("--config", "configs/tiny.yaml", "--runs-dir", str(tmp_path), "--run-id", "halt", "--no-eval",
+                 *sets(TINY + ["train.steps=10", "train.on_nan=halt", "train.debug_poison_step=3",
+                               "checkpoint.every=2", "log.metrics_every=0", "log.samples_every=0"]))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    run_dir = tmp_path / "halt"
+    assert "halted" in proc.stdout and "step 3" in proc.stdout
+    assert complete_steps(run_dir) == [2]  # nothing from the non-finite step on
+    assert (run_dir / "anomalies" / "3_nonfinite" / "event.json").is_file()
+    scalars, _ = events(run_dir)
+    assert not any(t.startswith("eval/") for t in scalars)  # --no-eval
+    assert max(scalars["train/loss"]) <= 4

@@ -1,0 +1,192 @@
+"""End to end: train.py stopped (--stop-at, SIGTERM, kill -9) and resumed continues bit for bit.
+
+Every run is a real subprocess of train.py on a tiny model. The reference is one uninterrupted
+100-step run; the others must match its loss at every resumed step and its final parameters exactly.
+Kills are triggered by watching the run directory (Orbax's tmp folder of a save appearing, or a
+finished step folder appearing), never by sleeping.
+"""
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from bitnet_jax.checkpoint import complete_steps, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 100
+TINY = ["--config", str(REPO / "configs" / "tiny.yaml"),
+        "--set", f"train.steps={STEPS}", "--set", "optim.warmup_steps=5", "--set", "model.hidden_size=64",
+        "--set", "model.intermediate_size=128", "--set", "train.batch_size=4", "--set", "train.seq_len=32",
+        "--set", "eval.every=0", "--set", "checkpoint.every=10", "--set", "log.progress=false",
+        "--set", "log.metrics_every=0", "--set", "log.samples_every=0", "--no-eval"]
+
+pytestmark = pytest.mark.slow
+
+
+def train_cmd(*args) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), *args]
+
+
+def env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    out = subprocess.run(train_cmd(*args), env=env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """train/loss by step from every event file of the run (a repeated step: the newest file wins)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for path in sorted((run_dir / "tb").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "train/loss" in acc.Tags()["scalars"]:
+            out.update({e.step: e.value for e in acc.Scalars("train/loss")})
+    return out
+
+
+def final_params(run_dir: Path):
+    cfg, params, step = load_params(run_dir)
+    assert step == STEPS
+    return [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+def assert_same_params(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)  # bit for bit: exact equality, no tolerance
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("ref")
+    run(*TINY, "--runs-dir", str(runs), "--run-id", "ref")
+    return losses(runs / "ref"), final_params(runs / "ref")
+
+
+def test_stop_at_50_then_resume_matches_the_uninterrupted_run(tmp_path, reference):
+    ref_losses, ref_params = reference
+    first = run(*TINY, "--runs-dir", str(tmp_path), "--run-id", "r", "--stop-at", "50")
+    run_dir = tmp_path / "r"
+    assert "stopped by --stop-at at step 50" in first.stdout
+    assert f"python train.py --resume {run_dir}" in first.stdout
+    assert max(complete_steps(run_dir)) == 50
+    assert max(losses(run_dir)) == 50
+
+    second = run("--resume", "latest", "--runs-dir", str(tmp_path), "--run-id", "r", "--no-eval")
+    assert f"resuming from {run_dir / 'checkpoints' / '50'}" in second.stderr
+    got = losses(run_dir)
+    assert sorted(ref_losses) == list(range(1, STEPS + 1))
+    assert {s: got[s] for s in range(51, STEPS + 1)} == {s: ref_losses[s] for s in range(51, STEPS + 1)}
+    assert_same_params(final_params(run_dir), ref_params)
+
+
+def start(log: Path, *args) -> subprocess.Popen:
+    """train.py in the background, its output (stdout and stderr) going to ``log``."""
+    with open(log, "w") as f:
+        return subprocess.Popen(train_cmd(*args), env=env(), stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def wait_for(proc: subprocess.Popen, log: Path, condition, what: str):
+    """Polls ``condition()`` until it returns something truthy; fails if the run ends first."""
+    while True:
+        found = condition()
+        if found:
+            return found
+        if proc.poll() is not None:
+            pytest.fail(f"train.py ended (code {proc.returncode}) before {what}: {log.read_text()[-2000:]}")
+        time.sleep(0.002)
+
+
+def saving_tmp_dir(ckpt_dir: Path, min_step: int):
+    """The step of an Orbax tmp folder (a save in progress) at or after ``min_step``, if any."""
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            m = re.fullmatch(r"(\d+)\.orbax-checkpoint-tmp.*", p.name)
+            if m and int(m.group(1)) >= min_step:
+                return int(m.group(1))
+    return None
+
+
+def test_sigterm_saves_exits_0_and_resume_continues_exactly(tmp_path, reference):
+    ref_losses, ref_params = reference
+    run_dir = tmp_path / "r"
+    log = tmp_path / "log"
+    proc = start(log, *TINY, "--runs-dir", str(tmp_path), "--run-id", "r")
+    wait_for(proc, log, lambda: (run_dir / "checkpoints" / "20").is_dir(), "step 20 was saved")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    out = log.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    m = re.search(r"stopped by SIGTERM at step (\d+) of 100: saved checkpoints/\1 in ([\d.]+) s", out)
+    assert m, out[-2000:]
+    stopped = int(m.group(1))
+    assert 20 <= stopped < STEPS and max(complete_steps(run_dir)) == stopped
+    assert f"python train.py --resume {run_dir}" in out
+
+    run("--resume", str(run_dir), "--no-eval")
+    got = losses(run_dir)
+    assert {s: got[s] for s in range(stopped + 1, STEPS + 1)} == {
+        s: ref_losses[s] for s in range(stopped + 1, STEPS + 1)}
+    assert_same_params(final_params(run_dir), ref_params)
+
+
+def test_kill_9_at_random_moments_then_resume_latest_finishes_exactly(tmp_path, reference):
+    """Three SIGKILLs of one run, each at a seeded random save step: during the asynchronous write
+    (Orbax's tmp folder exists) or right after a save completed. Each restart resumes from the newest
+    complete step, losing no completed checkpoint; the last one finishes the run."""
+    _, ref_params = reference
+    rng = random.Random(1234)
+    run_dir = tmp_path / "r"
+    ckpt_dir = run_dir / "checkpoints"
+    first = True
+    save_steps = [10, 20, 30, 40, 49, 50, 60, 70, 80]
+    last_complete = 0
+    modes = ["during_save"] + [rng.choice(["during_save", "after_save"]) for _ in range(2)]
+    for trial, mode in enumerate(modes):
+        # the first kill comes after step 10 is complete, so there is always something to resume
+        candidates = [s for s in save_steps if s > max(last_complete, 10)]
+        target = rng.choice(candidates[:3])
+        args = TINY + ["--runs-dir", str(tmp_path), "--run-id", "r"] if first else [
+            "--resume", "latest", "--runs-dir", str(tmp_path), "--run-id", "r", "--no-eval"]
+        log = tmp_path / f"log{trial}"
+        proc = start(log, *args)
+        if mode == "during_save":
+            wait_for(proc, log, lambda: saving_tmp_dir(ckpt_dir, target), f"a save at step >= {target} began")
+        else:
+            wait_for(proc, log, lambda: any(s >= target for s in complete_steps(run_dir)),
+                     f"step {target} was saved")
+        complete_before = complete_steps(run_dir)
+        proc.kill()
+        proc.wait(timeout=60)
+        out = log.read_text()
+        assert proc.returncode == -signal.SIGKILL
+        if not first:
+            assert f"resuming from {ckpt_dir / str(last_complete)}" in out, out[-2000:]
+        complete_after = complete_steps(run_dir)
+        # nothing complete was lost; a save cut short never counts as complete
+        assert complete_before and max(complete_after) >= max(complete_before)
+        assert all(step_dir.name.isdigit() or ".orbax-checkpoint-tmp" in step_dir.name
+                   for step_dir in ckpt_dir.iterdir())
+        last_complete = max(complete_after)
+        first = False
+
+    out = run("--resume", "latest", "--runs-dir", str(tmp_path), "--run-id", "r", "--no-eval")
+    assert f"resuming from {ckpt_dir / str(last_complete)}" in out.stderr
+    assert not any(".orbax-checkpoint-tmp" in p.name for p in ckpt_dir.iterdir())
+    assert_same_params(final_params(run_dir), ref_params)
