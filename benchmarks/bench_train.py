@@ -1,10 +1,11 @@
 """Training throughput of the jitted train step: tokens/s, step time and MFU, optionally against
 transformers' PyTorch ``BitNetForCausalLM`` on the same configuration, weights and batches.
 
-Each measurement compiles the step (timed apart), runs ``--warmup`` steps, then times ``--steps``
-steps one by one (each waited for) and reports the median. Batches are random token ids (no
-tokenizer, no dataset), so the script needs only jax, flax, optax, numpy and PyYAML (plus torch and
-transformers for ``--compare-hf``).
+Each contestant (our step per ``--attention`` value, transformers' model with ``--compare-hf``) is
+compiled (timed apart) and warmed up; then ``--steps`` steps are timed one by one (each waited for),
+round-robin across contestants so that a shared machine's changing load hits all alike, and the
+median is reported. Batches are random token ids (no tokenizer, no dataset), so the script needs
+only jax, flax, optax, numpy and PyYAML (plus torch and transformers for ``--compare-hf``).
 
     .venv/bin/python benchmarks/bench_train.py --config configs/tiny.yaml --compare-hf
     .venv/bin/python benchmarks/bench_train.py --config configs/bitnet_95m.yaml --attention xla,cudnn
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -99,18 +101,63 @@ class Result:
     steps: int = 0
 
 
-def summarize(name: str, times_s: list[float], tokens: int, compile_s: float, first_loss: float,
-              flops_per_token: float, peak_total: float | None) -> Result:
-    med = statistics.median(times_s)
-    tps = tokens / med
-    return Result(name, med * 1e3, tps, compile_s, first_loss,
-                  tps * flops_per_token / peak_total if peak_total else None, min(times_s) * 1e3, len(times_s))
+@dataclasses.dataclass
+class Runner:
+    """One contestant: ``step(i)`` runs training step i to completion (waited for)."""
+
+    name: str
+    step: Callable[[int], None]
+    compile_s: float
+    first_loss: float
+    live: tuple = ()  # (compiled, state holder, batches) for --profile
+    times: list = dataclasses.field(default_factory=list)
+
+    def result(self, tokens: int, flops_per_token: float, peak_total: float | None) -> Result:
+        med = statistics.median(self.times)
+        tps = tokens / med
+        return Result(self.name, med * 1e3, tps, self.compile_s, self.first_loss,
+                      tps * flops_per_token / peak_total if peak_total else None, min(self.times) * 1e3,
+                      len(self.times))
+
+
+class Stopped(Exception):
+    """SIGTERM (e.g. from ``timeout``): stop measuring and report what was measured."""
+
+
+def _stop_on_sigterm() -> None:
+    import signal
+
+    def handler(signum, frame):
+        raise Stopped()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def time_interleaved(runners: list[Runner], steps: int) -> list[str]:
+    """Times ``steps`` steps of every runner, round-robin, so a machine whose load changes during the
+    run (a shared CPU) slows every contestant alike and the ratios stay fair. A runner that fails
+    (out of memory, say) drops out; the messages are returned."""
+    failures = []
+    for i in range(steps):
+        for r in list(runners):
+            t0 = time.perf_counter()
+            try:
+                r.step(i)
+            except Stopped:
+                failures.append(f"stopped by SIGTERM after {i} timed steps; the table shows those")
+                return failures
+            except Exception as e:  # report and let the others finish
+                failures.append(f"{r.name}: failed at timed step {i}: {type(e).__name__}: {str(e)[:300]}")
+                runners.remove(r)
+                continue
+            r.times.append(time.perf_counter() - t0)
+    return failures
 
 
 # --------------------------------------------------------------------------- ours (JAX)
 
 def build_step(cfg):
-    """``(compiled_step, state, mesh)`` for ``cfg`` on every device; compile time measured by the caller."""
+    """``(jitted_step, state, mesh, graphdef)`` for ``cfg`` on every device."""
     from bitnet_jax import sharding, train_state
 
     mesh = sharding.make_mesh(cfg.mesh)
@@ -121,34 +168,28 @@ def build_step(cfg):
     return step, state, mesh, graphdef
 
 
-def bench_jax(cfg, batches: np.ndarray, steps: int, warmup: int, peak_total: float | None,
-              name: str) -> tuple[Result, object]:
+def jax_runner(cfg, batches: np.ndarray, warmup: int, name: str) -> Runner:
+    """Compiles (timed) and warms up our train step; the state lives in the returned closure."""
     import jax
 
     from bitnet_jax import sharding
-    from bitnet_jax.model import flops_per_token
 
     step, state, mesh, _ = build_step(cfg)
     device_batches = [sharding.global_batch(b, mesh) for b in batches]
     t0 = time.perf_counter()
     compiled = step.lower(state, device_batches[0]).compile()
     compile_s = time.perf_counter() - t0
-    first_loss = None
-    for i in range(warmup):
-        state, m = compiled(state, device_batches[i % len(device_batches)])
-        if first_loss is None:
-            first_loss = float(m["loss"])
-    jax.block_until_ready(state)
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        state, m = compiled(state, device_batches[i % len(device_batches)])
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t0)
-    fpt = flops_per_token(cfg.model, cfg.train.seq_len)
-    result = summarize(name, times, cfg.tokens_per_step, compile_s, first_loss if first_loss is not None
-                       else float("nan"), fpt, peak_total)
-    return result, (compiled, state, device_batches)
+    holder = {"state": state}
+    first = {}
+
+    def one(i: int) -> None:
+        holder["state"], m = compiled(holder["state"], device_batches[i % len(device_batches)])
+        jax.block_until_ready((holder["state"], m))
+        first.setdefault("loss", m["loss"])
+
+    for i in range(max(warmup, 1)):
+        one(i)
+    return Runner(name, one, compile_s, float(first["loss"]), live=(compiled, holder, device_batches))
 
 
 # --------------------------------------------------------------------------- theirs (PyTorch)
@@ -175,11 +216,10 @@ def hf_model(cfg, params):
     return model
 
 
-def bench_hf(cfg, params, batches: np.ndarray, steps: int, warmup: int, peak_total: float | None) -> Result:
-    """Forward, float32 cross-entropy, backward, global-norm clipping and AdamW: one optimizer step."""
+def hf_runner(cfg, params, batches: np.ndarray, warmup: int) -> Runner:
+    """Forward, float32 cross-entropy, backward, global-norm clipping and AdamW: one optimizer step of
+    transformers' model, as ours does (same weights, batches, optimizer settings)."""
     import torch
-
-    from bitnet_jax.model import flops_per_token
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if cfg.model.compute_dtype == "bfloat16" and device == "cuda" else torch.float32
@@ -189,8 +229,10 @@ def bench_hf(cfg, params, batches: np.ndarray, steps: int, warmup: int, peak_tot
                             weight_decay=o.weight_decay)
     data = [torch.from_numpy(b.astype(np.int64)).to(device) for b in batches]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    first = {}
 
-    def one_step(batch):
+    def one(i: int) -> None:
+        batch = data[i % len(data)]
         opt.zero_grad(set_to_none=True)
         logits = model(batch[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
@@ -198,24 +240,15 @@ def bench_hf(cfg, params, batches: np.ndarray, steps: int, warmup: int, peak_tot
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
-        return loss
+        sync()
+        first.setdefault("loss", loss.detach().item())
 
     t0 = time.perf_counter()
-    first_loss = float(one_step(data[0]))  # includes torch.compile of the quantizers
-    sync()
+    one(0)  # includes torch.compile of transformers' quantizers
     compile_s = time.perf_counter() - t0
     for i in range(1, warmup):
-        one_step(data[i % len(data)])
-    sync()
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        one_step(data[i % len(data)])
-        sync()
-        times.append(time.perf_counter() - t0)
-    fpt = flops_per_token(cfg.model, cfg.train.seq_len)
-    return summarize(f"transformers BitNet (torch {torch.__version__}, {device})", times, cfg.tokens_per_step,
-                     compile_s, first_loss, fpt, peak_total)
+        one(i)
+    return Runner(f"transformers BitNet (torch {torch.__version__}, {device})", one, compile_s, first["loss"])
 
 
 # --------------------------------------------------------------------------- where the time goes
@@ -346,26 +379,36 @@ def main(argv=None) -> int:
         return 0
 
     batches = random_batches(cfg)
-    rows: list[Result] = []
-    profiled = None
+    runners: list[Runner] = []
+    failures: list[str] = []
+    _stop_on_sigterm()
     if not args.hf_only:
         for attention in (args.attention.split(",") if args.attention else [cfg.model.attention]):
-            run_cfg = with_attention(cfg, attention.strip())
-            result, live = bench_jax(run_cfg, batches, args.steps, args.warmup, peak_total,
-                                     f"bitnet-jax (attention {attention.strip()})")
-            rows.append(result)
-            print(f"  {result.name}: {result.step_ms:.1f} ms/step, {result.tokens_per_s:,.0f} tokens/s, "
-                  f"compile {result.compile_s:.1f} s, first loss {result.first_loss:.4f}", flush=True)
-            if args.profile and profiled is None:
-                profiled = profile(*live)
-            del live
+            name = f"bitnet-jax (attention {attention.strip()})"
+            try:
+                runners.append(jax_runner(with_attention(cfg, attention.strip()), batches, args.warmup, name))
+            except Stopped:
+                failures.append(f"{name}: stopped by SIGTERM while compiling or warming up")
+                break
+            except Exception as e:  # e.g. cuDNN attention unavailable, or out of memory: go on without it
+                failures.append(f"{name}: failed to compile or warm up: {type(e).__name__}: {str(e)[:300]}")
+                print(f"  {failures[-1]}", flush=True)
+                continue
+            print(f"  compiled {name} in {runners[-1].compile_s:.1f} s", flush=True)
     if args.compare_hf or args.hf_only:
         from bitnet_jax import train_state
 
         _, state = train_state.init_state(cfg)
-        result = bench_hf(cfg, state.params, batches, args.steps, args.warmup, peak_total)
-        rows.append(result)
-        print(f"  {result.name}: {result.step_ms:.1f} ms/step, {result.tokens_per_s:,.0f} tokens/s", flush=True)
+        runners.append(hf_runner(cfg, state.params, batches, args.warmup))
+        print(f"  ready {runners[-1].name} in {runners[-1].compile_s:.1f} s", flush=True)
+    failures += time_interleaved(runners, args.steps)
+    for f in failures:
+        print(f"  FAILED {f}", flush=True)
+    rows = [r.result(cfg.tokens_per_step, fpt, peak_total) for r in runners if r.times]
+    profiled = None
+    if args.profile and runners and runners[0].live:
+        compiled, holder, device_batches = runners[0].live
+        profiled = profile(compiled, holder["state"], device_batches)
 
     table = format_table(rows, cfg, total_steps)
     print()
@@ -394,9 +437,10 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({"device": device_summary(), "config": cfg.name,
                                                "tokens_per_step": cfg.tokens_per_step, "flops_per_token": fpt,
                                                "peak_flops_per_device": peak, "total_steps": total_steps,
-                                               "rows": [dataclasses.asdict(r) for r in rows], **summary},
+                                               "rows": [dataclasses.asdict(r) for r in rows],
+                                               "failures": failures, **summary},
                                               indent=2))
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -338,7 +338,9 @@ class CheckpointManager:
         tree = to_tree(state)
         if self.cfg.checkpoint.async_save:
             self._finish_pending()  # bounds memory to one snapshot in transfer plus Orbax's write
-            tree = jax.device_put(tree, may_alias=False)  # private device copy, dispatched async
+            # A private device copy, dispatched async; the explicit shardings make it valid for arrays
+            # spread over several processes too.
+            tree = jax.device_put(tree, jax.tree.map(lambda x: x.sharding, tree), may_alias=False)
         args = ocp.args.Composite(**{
             STATE: ocp.args.StandardSave(tree),
             DATA: ocp.args.JsonSave(data),

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from bitnet_jax import schedules
+from bitnet_jax import compile_options, schedules
 from bitnet_jax.config import Config
 from bitnet_jax.model import BitNetLM
 from bitnet_jax.sharding import batch_sharding, microbatch_sharding, put_global, replicated, state_shardings
@@ -161,6 +161,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, state_shard
         in_shardings=(state_sharding, batch_sharding(mesh)),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=0,
+        compiler_options=compile_options.for_backend(),
     )
 
 
@@ -170,6 +171,7 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, params_sharding) -> Calla
         make_loss_fn(graphdef),
         in_shardings=(params_sharding, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
+        compiler_options=compile_options.for_backend(),
     )
 
 

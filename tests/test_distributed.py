@@ -3,9 +3,11 @@
 - Library level: two processes with one CPU device each train 10 steps on the same global batches as
   one process with two CPU devices (the same 2-device data-parallel program, only the all-reduce
   crosses a process boundary), save Orbax checkpoints from both processes, restore step 5 and train
-  on: the losses equal the single-process run's, and the resumed steps equal the uninterrupted ones.
-- End to end: ``train.py --coordinator/--num-processes/--process-id`` with two processes, then a
-  two-process ``--resume`` from its step-3 checkpoint reproduces the uninterrupted losses.
+  on: the losses equal the single-process run's, and the resumed steps equal the uninterrupted ones
+  (synchronous saves here).
+- End to end: ``train.py --coordinator/--num-processes/--process-id`` with two processes and the
+  default asynchronous saves, then a two-process ``--resume`` from its step-3 checkpoint reproduces
+  the uninterrupted losses.
 
 The workers are this file run as a script (a fresh interpreter per process, so each can choose its
 own device count before JAX starts).
@@ -135,7 +137,7 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
 
 TRAIN_SETS = ["train.steps=6", "model.hidden_size=64", "model.num_attention_heads=4", "train.batch_size=4",
               "train.seq_len=32", "eval.every=0", "checkpoint.every=3", "optim.warmup_steps=2",
-              "log.metrics_every=0", "log.samples_every=0", "log.progress=false", "checkpoint.async_save=false"]
+              "log.metrics_every=0", "log.samples_every=0", "log.progress=false"]
 
 
 def _train_cli(extra: list[str], port: int) -> list[subprocess.Popen]:

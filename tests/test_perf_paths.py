@@ -1,0 +1,124 @@
+"""The performance paths keep the numerics: the tied head's custom gradient, the attention layout the
+cuDNN path relies on, bf16 compute with float32 master weights, per-backend compiler options, and
+the benchmark scripts (run on CPU with tiny configs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitnet_jax import compile_options, sharding, train_state
+from bitnet_jax.config import from_dict
+from bitnet_jax.model import _attention_xla, tied_head
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {"model": {"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 32},
+         "train": {"steps": 10, "batch_size": 4, "seq_len": 32}, "optim": {"warmup_steps": 2}}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tied_head_value_and_gradients_equal_autodiff(dtype):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 8, 16)), dtype)
+    embed = jnp.asarray(0.1 * rng.standard_normal((40, 16)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((2, 8, 40)), jnp.float32)
+
+    def ours(x, e):
+        return jnp.sum(tied_head(x, e.astype(dtype)) * g)
+
+    def plain(x, e):
+        return jnp.sum(jnp.dot(x, e.astype(dtype).T, preferred_element_type=jnp.float32) * g)
+
+    (v1, (dx1, de1)), (v2, (dx2, de2)) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, embed)
+                                          for f in (ours, plain))
+    assert dx1.dtype == dx2.dtype == dtype and de1.dtype == de2.dtype == jnp.float32
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2  # bf16: both round the same float32 sums
+    np.testing.assert_allclose(float(v1), float(v2), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(dx1, np.float32), np.asarray(dx2, np.float32), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(de1), np.asarray(de2), rtol=tol, atol=tol)
+
+
+def test_xla_attention_has_the_layout_and_grouping_of_jax_dot_product_attention():
+    """``[B, T, N, H]`` inputs and grouped K/V heads mean the same as in ``jax.nn.dot_product_attention``,
+    which the cuDNN path calls: switching ``model.attention`` changes summation order, not the model."""
+    rng = np.random.default_rng(1)
+    b, t, n, kv, h = 2, 16, 6, 2, 8
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((b, t, n, h), (b, t, kv, h), (b, t, kv, h)))
+    ours = _attention_xla(q, k, v, jnp.tril(jnp.ones((t, t), bool))[None])
+    ref = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights_and_the_loss():
+    batch = np.random.default_rng(2).integers(0, 256, (4, 33)).astype(np.int32)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = from_dict({**SMALL, "model": {**SMALL["model"], "compute_dtype": dtype, "attention": "xla"}})
+        mesh = sharding.make_mesh(cfg.mesh)
+        graphdef, state = train_state.init_state(cfg)
+        state, shardings = train_state.place_state(state, mesh)
+        step = train_state.make_train_step(cfg, graphdef, mesh, shardings)
+        out = []
+        for _ in range(3):
+            state, m = step(state, sharding.global_batch(batch, mesh))
+            out.append(float(m["loss"]))
+        losses[dtype] = out
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
+
+
+def test_compiler_options_only_on_cpu_and_never_over_the_users_xla_flags(monkeypatch):
+    assert compile_options.for_backend("gpu") == {}
+    assert compile_options.for_backend("tpu") == {}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    assert compile_options.for_backend("cpu") == compile_options.CPU_OPTIONS  # this jaxlib accepts them
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    assert compile_options.for_backend("cpu") == {}
+
+
+# --------------------------------------------------------------------------- the benchmark scripts on CPU
+
+TINY_SETS = ["model.hidden_size=64", "model.num_attention_heads=4", "train.batch_size=4", "train.seq_len=32"]
+
+
+@pytest.mark.slow
+def test_bench_train_compares_with_transformers_on_the_same_weights_and_batches(tmp_path):
+    out = tmp_path / "bench.json"
+    sets = [a for s in TINY_SETS for a in ("--set", s)]
+    proc = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--config", "configs/tiny.yaml", *sets,
+                           "--steps", "2", "--warmup", "1", "--compare-hf", "--profile", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    ours, theirs = result["rows"]
+    assert ours["name"].startswith("bitnet-jax") and theirs["name"].startswith("transformers")
+    assert ours["steps"] == theirs["steps"] == 2
+    # Same weights, same first batch: the same loss (to float32 noise) before any update.
+    assert abs(ours["first_loss"] - theirs["first_loss"]) < 1e-4 * abs(theirs["first_loss"])
+    assert result["speedup_vs_transformers"] > 0
+    assert "lm_head (fwd)" in result["profile_ms"]  # the named scopes reach the profile
+    assert "bitnet-jax / transformers tokens/s" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_runs_end_to_end_on_cpu(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "CONFIG": "configs/tiny.yaml", "SETS": " ".join(TINY_SETS),
+           "STEPS": "2", "WARMUP": "1", "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"}
+    env.pop("ATTENTION", None)
+    proc = subprocess.run(["bash", "benchmarks/gpu_bench.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "devices " in proc.stdout and ("(no nvidia-smi)" in proc.stdout or "NVIDIA-SMI" in proc.stdout)
+    table = (tmp_path / "gpu_bench.md").read_text()
+    assert "bitnet-jax (attention xla)" in table and "60,000 steps" in table
+    rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
+    assert rows[0]["tokens_per_s"] > 0 and rows[0]["first_loss"] > 0
