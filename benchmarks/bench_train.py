@@ -196,24 +196,9 @@ def jax_runner(cfg, batches: np.ndarray, warmup: int, name: str) -> Runner:
 
 def hf_model(cfg, params):
     """transformers' BitNetForCausalLM with online autobitlinear quantization and our weights."""
-    import torch
-    from transformers import BitNetConfig, BitNetForCausalLM
-    from transformers.integrations.bitnet import replace_with_bitnet_linear
-    from transformers.utils.quantization_config import BitNetQuantConfig
+    from bitnet_jax.hf import torch_reference_model
 
-    from bitnet_jax.hf import hf_config_dict, hf_state_dict
-
-    hf_cfg = BitNetConfig(**{k: v for k, v in hf_config_dict(cfg.model).items()
-                             if k not in ("architectures", "model_type", "torch_dtype")})
-    model = BitNetForCausalLM(hf_cfg)
-    model = replace_with_bitnet_linear(model, modules_to_not_convert=["lm_head"],
-                                       quantization_config=BitNetQuantConfig(**hf_cfg.quantization_config))
-    state = {k: torch.from_numpy(v.copy()) for k, v in hf_state_dict(params).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"weights do not map onto transformers' BitNet: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    return model
+    return torch_reference_model(cfg.model, params)
 
 
 def hf_runner(cfg, params, batches: np.ndarray, warmup: int) -> Runner:

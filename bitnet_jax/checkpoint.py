@@ -35,6 +35,7 @@ import numpy as np
 
 from bitnet_jax import config as config_lib
 from bitnet_jax.config import Config, ConfigError
+from bitnet_jax.hooks import Hook
 
 FORMAT = "bitnet_jax.checkpoint/1"
 STATE, DATA, META = "state", "data", "meta"  # the Composite's item names (= sub-folder names)
@@ -247,10 +248,9 @@ def is_save_step(cfg: Config, step: int) -> bool:
     return step in mandatory_steps(cfg) or (every > 0 and step % every == 0)
 
 
-def save_hook(cfg: Config, fn) -> "Hook":
+def save_hook(cfg: Config, fn) -> Hook:
     """The train loop's checkpoint hook: due at multiples of ``checkpoint.every`` and at the
     mandatory steps (``mandatory_steps``); ``fn(step)`` saves."""
-    from bitnet_jax.hooks import Hook
 
     class _SaveHook(Hook):
         def due(self, step: int, last_step: int) -> bool:

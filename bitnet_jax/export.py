@@ -79,16 +79,13 @@ def check_format(cfg: Config, fmt: str) -> None:
                           f"size must be divisible by 4, but {', '.join(problems)}; use --format online")
 
 
-def load_run_tokenizer(tokenizer_dir: Path, cfg: Config):
-    """The run's tokenizer (as ``Tokenizer.save`` wrote it), checked against the model's vocabulary."""
-    from bitnet_jax.config import TokenizerConfig
-    from bitnet_jax.data import DataError, load_tokenizer
+def load_checked_tokenizer(tokenizer_dir: Path, cfg: Config):
+    """The run's tokenizer, checked against the model's vocabulary."""
+    from bitnet_jax.data import DataError
+    from bitnet_jax.data.tokenizer import load_run_tokenizer
 
-    if not tokenizer_dir.is_dir():
-        raise ExportError(f"tokenizer folder {tokenizer_dir} does not exist; a run writes its tokenizer to "
-                          "RUN_DIR/tokenizer at the start of training (is this a run directory?)")
     try:
-        tok = load_tokenizer(TokenizerConfig(name_or_path=str(tokenizer_dir)))
+        tok = load_run_tokenizer(tokenizer_dir)
     except DataError as e:
         raise ExportError(str(e)) from None
     if tok.vocab_size > cfg.model.vocab_size:
@@ -161,7 +158,7 @@ def export_model(cfg: Config, params, tokenizer_dir: str | Path, out_dir: str | 
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
     check_format(cfg, fmt)
     check_out_dir(out_dir, force)
-    tok = load_run_tokenizer(tokenizer_dir, cfg)
+    tok = load_checked_tokenizer(tokenizer_dir, cfg)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
@@ -213,7 +210,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
     # The stored config is small JSON: check the format and the tokenizer against it before reading arrays.
     stored_cfg = read_config(checkpoints_dir(run_dir) / str(steps[-1] if step is None else step))
     check_format(stored_cfg, fmt)
-    load_run_tokenizer(run_dir / "tokenizer", stored_cfg)
+    load_checked_tokenizer(run_dir / "tokenizer", stored_cfg)
     cfg, params, loaded = load_params(run_dir, step=step)
     result = export_model(cfg, params, run_dir / "tokenizer", out_dir, fmt, force=force,
                           source=f"{run_dir.resolve()} step {loaded}")

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bitnet_jax.config import ConfigError, TokenizerConfig
+from bitnet_jax.config import ConfigError
 from bitnet_jax.generation import MODES
 
 
@@ -39,7 +39,7 @@ def generate_text(run_dir: str | Path, prompt: str, *, step: int | None = None, 
     from flax import nnx
 
     from bitnet_jax.checkpoint import checkpoints_dir, load_params, read_config, resolve_step
-    from bitnet_jax.data import DataError, load_tokenizer
+    from bitnet_jax.data.tokenizer import load_run_tokenizer
     from bitnet_jax.generation import Generator
     from bitnet_jax.model import BitNetLM
     from bitnet_jax.samples import prompt_ids
@@ -49,14 +49,7 @@ def generate_text(run_dir: str | Path, prompt: str, *, step: int | None = None, 
         raise ConfigError(f"{run_dir} is not a directory; give a run directory made by train.py (runs/<run_id>)")
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    tok_dir = run_dir / "tokenizer"
-    if not tok_dir.is_dir():
-        raise ConfigError(f"{tok_dir} is missing: the run's tokenizer is needed to encode the prompt "
-                          "(train.py writes it at the start of every run)")
-    try:
-        tokenizer = load_tokenizer(TokenizerConfig(name_or_path=str(tok_dir)))
-    except DataError as e:
-        raise ConfigError(str(e)) from None
+    tokenizer = load_run_tokenizer(run_dir / "tokenizer")  # DataError is a ConfigError
     # The prompt must fit the model: checked from the stored config, before reading any arrays.
     model_cfg = read_config(checkpoints_dir(run_dir) / str(resolve_step(run_dir, step))).model
     ids = prompt_ids(tokenizer, prompt)

@@ -131,3 +131,27 @@ def packing_problems(cfg: ModelConfig) -> list[str]:
     outs = {"q_proj": cfg.num_attention_heads * cfg.head_dim, "k_proj / v_proj": cfg.kv_heads * cfg.head_dim,
             "o_proj / down_proj": cfg.hidden_size, "gate_proj / up_proj": cfg.intermediate_size}
     return [f"{name} has {n} outputs" for name, n in outs.items() if n % VALUES_PER_BYTE]
+
+
+def torch_reference_model(cfg: ModelConfig, params: nnx.State):
+    """transformers' PyTorch ``BitNetForCausalLM`` holding our weights, with online ``autobitlinear``
+    quantization (float32). The numerical reference for tests and the baseline for benchmarks.
+
+    transformers swaps ``nn.Linear`` for ``AutoBitLinear`` only when it loads a checkpoint through its
+    quantization machinery; building the model directly, the same replacement is applied by hand (the
+    tied LM head stays a plain float linear, as the loader leaves it). Needs torch and accelerate."""
+    import torch
+    from transformers import BitNetConfig, BitNetForCausalLM
+    from transformers.integrations.bitnet import replace_with_bitnet_linear
+    from transformers.utils.quantization_config import BitNetQuantConfig
+
+    fields = {k: v for k, v in hf_config_dict(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    hf_cfg = BitNetConfig(**fields)
+    model = replace_with_bitnet_linear(BitNetForCausalLM(hf_cfg), modules_to_not_convert=["lm_head"],
+                                       quantization_config=BitNetQuantConfig(**hf_cfg.quantization_config))
+    state = {k: torch.from_numpy(v.copy()) for k, v in hf_state_dict(params).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"weights do not map onto transformers' BitNet: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model

@@ -133,7 +133,6 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
     """Runs the whole training (or continues ``resume``, up to ``stop_at``); returns a summary (first
     and last loss, eval loss, throughput, what stopped it)."""
     import jax
-    import numpy as np
     from tqdm import tqdm
 
     from bitnet_jax import sharding, train_state

@@ -7,7 +7,6 @@ so the hot loop never walks the NNX graph in Python.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import flax.struct

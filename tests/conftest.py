@@ -35,3 +35,20 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def llama_tokenizer_dir(shared_data) -> Path:
     return shared_data / "llama2_tokenizer"
+
+
+@pytest.fixture(scope="session")
+def shared_texts(shared_data) -> list[str]:
+    """FineWeb-Edu documents, WikiText lines, Shakespeare chunks and tokenizer edge cases."""
+    import csv
+
+    csv.field_size_limit(10**9)
+    with open(shared_data / "fineweb_edu_text_sample" / "training_data.csv", newline="", encoding="utf-8") as f:
+        texts = [row["text"] for row in csv.DictReader(f)]
+    with open(shared_data / "wikitext" / "wikitext-2-raw.wiki.test.raw", encoding="utf-8", newline="") as f:
+        texts += [line.rstrip("\r\n") for line in f]
+    shakespeare = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    texts += [shakespeare[i:i + 4000] for i in range(0, len(shakespeare), 4000)]
+    texts += ["", " ", "  two leading spaces", " Hello world", "<s> literal </s> and <unk>",
+              "nbsp\u00a0here", "emoji 😀\ttab\n\nnewlines", "日本語のテキスト", "trailing  "]
+    return texts

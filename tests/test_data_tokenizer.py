@@ -1,6 +1,5 @@
 """Tokenizer loading: LLaMA-2 ids equal SentencePiece's, save/reload, builtin BPE, clear errors."""
 
-import csv
 import json
 import subprocess
 import sys
@@ -11,20 +10,6 @@ from bitnet_jax.config import ConfigError, TokenizerConfig
 from bitnet_jax.data import DataError, load_tokenizer
 
 
-def _shared_texts(shared_data) -> list[str]:
-    """FineWeb-Edu documents, WikiText lines, Shakespeare chunks and edge cases."""
-    csv.field_size_limit(10**9)
-    with open(shared_data / "fineweb_edu_text_sample" / "training_data.csv", newline="", encoding="utf-8") as f:
-        texts = [row["text"] for row in csv.DictReader(f)]
-    with open(shared_data / "wikitext" / "wikitext-2-raw.wiki.test.raw", encoding="utf-8", newline="") as f:
-        texts += [line.rstrip("\r\n") for line in f]
-    shakespeare = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
-    texts += [shakespeare[i:i + 4000] for i in range(0, len(shakespeare), 4000)]
-    texts += ["", " ", "  two leading spaces", " Hello world", "<s> literal </s> and <unk>",
-              "nbsp\u00a0here", "emoji 😀\ttab\n\nnewlines", "日本語のテキスト", "trailing  "]
-    return texts
-
-
 @pytest.fixture(scope="module")
 def sp(llama_tokenizer_dir):
     spm = pytest.importorskip("sentencepiece")
@@ -32,9 +17,8 @@ def sp(llama_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def texts_and_sp_ids(shared_data, sp):
-    texts = _shared_texts(shared_data)
-    return texts, sp.encode(texts)
+def texts_and_sp_ids(sp, shared_texts):
+    return shared_texts, sp.encode(shared_texts)
 
 
 @pytest.mark.parametrize("where", ["tokenizer.model", "hf/tokenizer.json", "."])
@@ -58,13 +42,13 @@ def test_literal_special_token_text_is_plain_text(llama_tokenizer_dir, sp):
     assert tok.decode(ids) == "a <s> b </s>"
 
 
-def test_saved_llama_folder_reloads_identically_and_loads_in_transformers(llama_tokenizer_dir, shared_data, tmp_path):
+def test_saved_llama_folder_reloads_identically_and_loads_in_transformers(llama_tokenizer_dir, shared_data, tmp_path, shared_texts):
     tok = load_tokenizer(TokenizerConfig(name_or_path=str(llama_tokenizer_dir / "tokenizer.model")))
     out = tok.save(tmp_path / "tok")
     assert {p.name for p in out.iterdir()} == {"tokenizer.json", "tokenizer_config.json",
                                                "special_tokens_map.json", "tokenizer.model"}
     again = load_tokenizer(TokenizerConfig(name_or_path=str(out)))
-    texts = _shared_texts(shared_data)[::7]
+    texts = shared_texts[::7]
     assert again.encode_batch(texts) == tok.encode_batch(texts)
     assert (again.vocab_size, again.bos_id, again.eos_id) == (32000, 1, 2)
 

@@ -2,7 +2,6 @@
 greedy tokens and tokenizes like the run; bad input is refused before any work; the CLI exports a
 real training run."""
 
-import csv
 import json
 import os
 import subprocess
@@ -72,7 +71,6 @@ def _load_hf(path, **kwargs):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
-
 
 
 # --------------------------------------------------------------------------- packing
@@ -216,21 +214,9 @@ def test_packed_format_refuses_output_sizes_not_divisible_by_4(builtin_tok_dir, 
 
 # --------------------------------------------------------------------------- tokenizer
 
-def _shared_texts(shared_data: Path) -> list[str]:
-    """FineWeb-Edu documents, WikiText lines, Shakespeare chunks and edge cases."""
-    csv.field_size_limit(10**9)
-    with open(shared_data / "fineweb_edu_text_sample" / "training_data.csv", newline="", encoding="utf-8") as f:
-        texts = [row["text"] for row in csv.DictReader(f)]
-    with open(shared_data / "wikitext" / "wikitext-2-raw.wiki.test.raw", encoding="utf-8", newline="") as f:
-        texts += [line.rstrip("\r\n") for line in f]
-    shakespeare = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
-    texts += [shakespeare[i:i + 4000] for i in range(0, len(shakespeare), 4000)]
-    return texts + ["", " ", " Hello world", "<s> literal </s> and <unk>", "nbsp\u00a0here",
-                    "emoji 😀\ttab\n\nnewlines", "日本語のテキスト", "trailing  "]
-
 
 @pytest.mark.parametrize("which", ["llama2", "builtin"])
-def test_exported_tokenizer_gives_the_runs_ids(which, shared_data, llama_tokenizer_dir, tmp_path):
+def test_exported_tokenizer_gives_the_runs_ids(which, shared_data, llama_tokenizer_dir, tmp_path, shared_texts):
     from transformers import AutoTokenizer
 
     name = str(llama_tokenizer_dir / "tokenizer.model") if which == "llama2" else "builtin"
@@ -242,7 +228,7 @@ def test_exported_tokenizer_gives_the_runs_ids(which, shared_data, llama_tokeniz
     out = export_model(cfg, params, tok_dir, tmp_path / "hf", "online").out_dir
 
     hf_tok = AutoTokenizer.from_pretrained(str(out))
-    texts = _shared_texts(shared_data)
+    texts = shared_texts
     theirs = hf_tok(texts, add_special_tokens=False)["input_ids"]
     ours = run_tok.encode_batch(texts)
     mismatched = [t[:60] for t, a, b in zip(texts, ours, theirs) if a != b]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bitnet_jax.config import ModelConfig
-from bitnet_jax.hf import hf_config_dict, hf_state_dict
+from bitnet_jax.hf import torch_reference_model
 from bitnet_jax.model import BitNetLM, count_params
 
 torch = pytest.importorskip("torch")
@@ -16,24 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def _hf_model(cfg: ModelConfig, params):
-    from transformers import BitNetConfig, BitNetForCausalLM
-
-    hf_cfg = BitNetConfig(**{k: v for k, v in hf_config_dict(cfg).items()
-                             if k not in ("architectures", "model_type", "torch_dtype")})
-    model = BitNetForCausalLM(hf_cfg)
-    # The quantizer swaps nn.Linear for AutoBitLinear only when loading through the quantization
-    # machinery, so apply the same replacement the loader applies.
-    from transformers.integrations.bitnet import replace_with_bitnet_linear
-    from transformers.utils.quantization_config import BitNetQuantConfig
-
-    model = replace_with_bitnet_linear(model, modules_to_not_convert=["lm_head"],
-                                       quantization_config=BitNetQuantConfig(**hf_cfg.quantization_config))
-    state = {k: torch.from_numpy(v.copy()) for k, v in hf_state_dict(params).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected, unexpected
-    assert set(missing) <= {"lm_head.weight"}, missing
-    model.tie_weights()
-    return model.eval()
+    return torch_reference_model(cfg, params).eval()
 
 
 @pytest.mark.parametrize("act,kv_heads", [("relu2", 2), ("silu", 2), ("relu2", None)])

@@ -44,8 +44,6 @@ def _grad_rel(grads, reference) -> float:
 
 def _worker(out_path: str, ckpt_dir: str) -> None:
     import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from bitnet_jax import sharding, train_state
     from bitnet_jax.checkpoint import CheckpointManager

@@ -152,6 +152,15 @@ class Tokenizer:
 
 # --------------------------------------------------------------------------- loading
 
+def load_run_tokenizer(tokenizer_dir: Path) -> Tokenizer:
+    """The tokenizer a run saved in ``RUN_DIR/tokenizer`` (``Tokenizer.save``), for sampling and export."""
+    tokenizer_dir = Path(tokenizer_dir)
+    if not tokenizer_dir.is_dir():
+        raise DataError(f"tokenizer folder {tokenizer_dir} does not exist; train.py writes the run's tokenizer "
+                        "to RUN_DIR/tokenizer at the start of every run (is this a run directory?)")
+    return load_tokenizer(TokenizerConfig(name_or_path=str(tokenizer_dir)))
+
+
 def load_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     """The tokenizer named by ``tokenizer.name_or_path`` (see the module docstring)."""
     name = cfg.name_or_path
