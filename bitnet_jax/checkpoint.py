@@ -346,7 +346,11 @@ class CheckpointManager:
             DATA: ocp.args.JsonSave(data),
             META: ocp.args.JsonSave(meta),
         })
-        if self.cfg.checkpoint.async_save:
+        # Several processes: Orbax's save call runs cross-process collectives, which must be issued in
+        # the same order on every process; from a background thread they would interleave with the
+        # train step's collectives differently on each (gloo aborts on the mismatch). So the call stays
+        # on the main thread there (Orbax still writes the files in the background).
+        if self.cfg.checkpoint.async_save and jax.process_count() == 1:
             if self._pool is None:
                 import concurrent.futures
 

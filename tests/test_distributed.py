@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -93,19 +94,28 @@ def _launch(args: list[str], devices: int) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(key, None)
-    return subprocess.Popen([sys.executable, *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # Output goes to files, not pipes: waiting on one process while the other fills an unread pipe
+    # would block it, and the first would then time out at the shutdown barrier.
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen([sys.executable, *args], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
+    proc.log = log
+    return proc
 
 
 def _wait_all(procs: list[subprocess.Popen], timeout: float = 600) -> None:
     try:
-        results = [p.communicate(timeout=timeout) for p in procs]
+        for p in procs:
+            p.wait(timeout=timeout)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err[-4000:]
+    for p in procs:
+        p.log.seek(0)
+        output = p.log.read()
+        p.log.close()
+        assert p.returncode == 0, output[:3000] + "\n...\n" + output[-3000:]
 
 
 @pytest.mark.slow
