@@ -184,13 +184,14 @@ def describe_source(spec: SourceSpec, *, hash_files: bool = True) -> dict[str, A
     elif spec.files:
         out.update(builder=spec.builder, text_unit=spec.text_unit if spec.builder == "text" else None,
                    files=[{"path": f, "bytes": os.path.getsize(f),
-                           **({"sha256": _file_sha256(f)} if hash_files else {})} for f in spec.files])
+                           **({"sha256": file_sha256(f)} if hash_files else {})} for f in spec.files])
     else:
         out.update(hf_path=spec.hf_path, hf_name=spec.hf_name, split=spec.split)
     return out
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):

@@ -28,18 +28,11 @@ from tokenizers import Tokenizer as _Backend
 
 from bitnet_jax.config import TokenizerConfig
 from bitnet_jax.data.errors import DataError
+from bitnet_jax.data.sources import file_sha256
 
 _BOS_GUESSES = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]")
 _EOS_GUESSES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[EOS]")
 _HUB_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Tokenizer:
@@ -141,7 +134,7 @@ class Tokenizer:
             "vocab_size": self.vocab_size,
             "bos_token": self.bos_token, "bos_id": self.bos_id,
             "eos_token": self.eos_token, "eos_id": self.eos_id,
-            "files": {f.name: _sha256(f) for f in self.files if f.is_file()},
+            "files": {f.name: file_sha256(f) for f in self.files if f.is_file()},
             "tokenizer_json_sha256": hashlib.sha256(self.backend.to_str().encode()).hexdigest(),
         }
 
