@@ -101,6 +101,12 @@ def initialize(group: ProcessGroup | None, timeout_s: int = 300) -> None:
     else:
         jax.distributed.initialize(group.coordinator, group.num_processes, group.process_id,
                                    initialization_timeout=timeout_s)
+    # The first collective sets up the CPU (gloo) context and gives up if the processes reach it more
+    # than 30 s apart. Right after joining they are in step; later, uneven start-up work (tokenizer,
+    # fingerprint, loader) could spread them further than that on a busy machine.
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("bitnet_jax: processes joined")
 
 
 def broadcast_from_first(value: int) -> int:

@@ -163,7 +163,8 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
 
     # Data: this process's shard of every global batch; fixed held-out batches for evaluation.
     pi, pc = jax.process_index(), jax.process_count()
-    write_fingerprint(paths.root / "dataset_fingerprint.json", cfg, tokenizer)
+    if pi == 0:  # one writer; process 0's stream is the one fingerprinted
+        write_fingerprint(paths.root / "dataset_fingerprint.json", cfg, tokenizer)
     loader = build_train_loader(cfg, tokenizer, process_index=pi, process_count=pc,
                                 state=restored.data_state if restored else None)
     evaluator = Evaluator(eval_step, build_eval_batches(cfg, tokenizer, pi, pc), mesh)
