@@ -251,12 +251,8 @@ def is_save_step(cfg: Config, step: int) -> bool:
 def save_hook(cfg: Config, fn) -> Hook:
     """The train loop's checkpoint hook: due at multiples of ``checkpoint.every`` and at the
     mandatory steps (``mandatory_steps``); ``fn(step)`` saves."""
-
-    class _SaveHook(Hook):
-        def due(self, step: int, last_step: int) -> bool:
-            return is_save_step(cfg, step)
-
-    return _SaveHook("checkpoint", cfg.checkpoint.every, fn, timing_tag="time/checkpoint_ms")
+    return Hook("checkpoint", cfg.checkpoint.every, fn, timing_tag="time/checkpoint_ms",
+                when=lambda step: is_save_step(cfg, step))
 
 
 # --------------------------------------------------------------------------- multi-process JSON

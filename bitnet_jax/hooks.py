@@ -10,15 +10,19 @@ from typing import Callable
 @dataclasses.dataclass
 class Hook:
     """Runs ``fn(step)`` after every ``every``-th step, and at the final step when ``at_end``;
-    ``every = 0`` disables the hook entirely. ``timing_tag`` names a ``time/*`` scalar that records how long the hook took."""
+    ``every = 0`` disables the hook entirely, and ``when(step)``, if given, decides instead.
+    ``timing_tag`` names a ``time/*`` scalar that records how long the hook took."""
 
     name: str
     every: int
     fn: Callable[[int], None]
     at_end: bool = True
     timing_tag: str | None = None
+    when: Callable[[int], bool] | None = None  # replaces the every/at_end rule (e.g. mandatory steps)
 
     def due(self, step: int, last_step: int) -> bool:
+        if self.when is not None:
+            return self.when(step)
         if not self.every:
             return False
         return step % self.every == 0 or (self.at_end and step == last_step)
