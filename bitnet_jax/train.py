@@ -139,7 +139,8 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
     from bitnet_jax.anomaly import AnomalyDetector, poison_if_due
     from bitnet_jax.bitnet_metrics import BitNetMetrics
     from bitnet_jax.checkpoint import CheckpointManager, save_hook
-    from bitnet_jax.data import build_eval_batches, build_train_loader, load_tokenizer, write_fingerprint
+    from bitnet_jax.data import (build_eval_batches, build_train_loader, check_vocab, load_tokenizer,
+                                 write_fingerprint)
     from bitnet_jax.evaluation import Evaluator, eval_scalars
     from bitnet_jax.hooks import Hook, run_due_hooks
     from bitnet_jax.metrics import StepMetrics, TensorBoard, device_peak_flops
@@ -149,9 +150,7 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
 
     # Tokenizer: check it fits the model before any compute, keep a copy with the run.
     tokenizer = load_tokenizer(cfg.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                          f"{cfg.model.vocab_size}; set --set model.vocab_size={tokenizer.vocab_size}")
+    check_vocab(cfg, tokenizer)
     tokenizer.save(paths.tokenizer)
 
     # Model, optimizer state and the jitted steps, laid out on the mesh (restored when resuming).

@@ -17,7 +17,7 @@ resumable positions), ``heldout`` (the evaluation set), ``packing`` (the row con
 
 from bitnet_jax.data.errors import DataError
 from bitnet_jax.data.fingerprint import write_fingerprint
-from bitnet_jax.data.loader import TrainLoader, build_eval_batches, build_train_loader
+from bitnet_jax.data.loader import TrainLoader, build_eval_batches, build_train_loader, check_vocab
 from bitnet_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "TrainLoader",
     "build_eval_batches",
     "build_train_loader",
+    "check_vocab",
     "load_tokenizer",
     "write_fingerprint",
 ]

@@ -51,7 +51,8 @@ def rows_per_process(cfg: Config, process_count: int) -> int:
     return cfg.train.batch_size // process_count
 
 
-def _check_vocab(cfg: Config, tok) -> None:
+def check_vocab(cfg: Config, tok) -> None:
+    """The tokenizer's ids must fit the model's embedding: a clear error before any compute."""
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size is "
                           f"{cfg.model.vocab_size}; set --set model.vocab_size={tok.vocab_size} (or larger)")
@@ -149,7 +150,7 @@ def build_train_loader(cfg: Config, tok, process_index: int = 0, process_count: 
     if not 0 <= process_index < process_count:
         raise ConfigError(f"process_index {process_index} is outside [0, {process_count})")
     rows = rows_per_process(cfg, process_count)
-    _check_vocab(cfg, tok)
+    check_vocab(cfg, tok)
     spec = source_spec(cfg.data)
     heldout = heldout_set(cfg, tok, spec)  # opens the source here: bad data fails in the caller
     header = {"format": STATE_FORMAT, "source": spec.key, "process_index": process_index,
@@ -225,7 +226,7 @@ def build_eval_batches(cfg: Config, tok, process_index: int = 0, process_count: 
     from bitnet_jax.data.packing import rows_from_stream
 
     rows = rows_per_process(cfg, process_count)
-    _check_vocab(cfg, tok)
+    check_vocab(cfg, tok)
     if cfg.eval.batches <= 0:
         return []
     spec = source_spec(cfg.data)
