@@ -3,8 +3,8 @@ transformers' PyTorch ``BitNetForCausalLM`` on the same configuration, weights a
 
 Each contestant (our step per ``--attention`` value, transformers' model with ``--compare-hf``) is
 compiled (timed apart) and warmed up; then ``--steps`` steps are timed one by one (each waited for),
-round-robin across contestants so that a shared machine's changing load hits all alike, and the
-median is reported. Batches are random token ids (no tokenizer, no dataset), so the script needs
+in two blocks per contestant taken in turn (A B B A) so that a shared machine's changing load hits
+all alike, and the median is reported. Batches are random token ids (no tokenizer, no dataset), so the script needs
 only jax, flax, optax, numpy and PyYAML (plus torch and transformers for ``--compare-hf``).
 
     .venv/bin/python benchmarks/bench_train.py --config configs/tiny.yaml --compare-hf
@@ -133,24 +133,31 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def time_interleaved(runners: list[Runner], steps: int) -> list[str]:
-    """Times ``steps`` steps of every runner, round-robin, so a machine whose load changes during the
-    run (a shared CPU) slows every contestant alike and the ratios stay fair. A runner that fails
-    (out of memory, say) drops out; the messages are returned."""
+def time_in_blocks(runners: list[Runner], steps: int, rounds: int = 2) -> list[str]:
+    """Times ``steps`` steps of every runner, in ``rounds`` blocks per runner taken in turn (A B, then
+    B A), so a shared machine's changing load hits all alike. Blocks, not single alternating steps: a
+    runtime's idle worker threads keep spinning for a while after its step (PyTorch's OpenMP pool
+    does), and a contestant stepping right after another would pay for that; each block starts with
+    one untimed step for the same reason. A runner that fails (out of memory, say) drops out; the
+    messages are returned."""
     failures = []
-    for i in range(steps):
-        for r in list(runners):
-            t0 = time.perf_counter()
+    sizes = [steps // rounds + (1 if k < steps % rounds else 0) for k in range(rounds)]
+    for k, size in enumerate(sizes):
+        for r in (list(runners) if k % 2 == 0 else list(reversed(runners))):
             try:
-                r.step(i)
+                r.step(len(r.times))  # settle: not timed
+                for _ in range(size):
+                    t0 = time.perf_counter()
+                    r.step(len(r.times))
+                    r.times.append(time.perf_counter() - t0)
             except Stopped:
-                failures.append(f"stopped by SIGTERM after {i} timed steps; the table shows those")
+                failures.append(f"stopped by SIGTERM after {len(r.times)} timed steps of {r.name}; "
+                                "the table shows those measured")
                 return failures
             except Exception as e:  # report and let the others finish
-                failures.append(f"{r.name}: failed at timed step {i}: {type(e).__name__}: {str(e)[:300]}")
+                failures.append(f"{r.name}: failed at timed step {len(r.times)}: {type(e).__name__}: "
+                                f"{str(e)[:300]}")
                 runners.remove(r)
-                continue
-            r.times.append(time.perf_counter() - t0)
     return failures
 
 
@@ -386,7 +393,7 @@ def main(argv=None) -> int:
         _, state = train_state.init_state(cfg)
         runners.append(hf_runner(cfg, state.params, batches, args.warmup))
         print(f"  ready {runners[-1].name} in {runners[-1].compile_s:.1f} s", flush=True)
-    failures += time_interleaved(runners, args.steps)
+    failures += time_in_blocks(runners, args.steps)
     for f in failures:
         print(f"  FAILED {f}", flush=True)
     rows = [r.result(cfg.tokens_per_step, fpt, peak_total) for r in runners if r.times]

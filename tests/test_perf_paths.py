@@ -47,15 +47,28 @@ def test_tied_head_value_and_gradients_equal_autodiff(dtype):
     np.testing.assert_allclose(np.asarray(de1), np.asarray(de2), rtol=tol, atol=tol)
 
 
-def test_xla_attention_has_the_layout_and_grouping_of_jax_dot_product_attention():
-    """``[B, T, N, H]`` inputs and grouped K/V heads mean the same as in ``jax.nn.dot_product_attention``,
-    which the cuDNN path calls: switching ``model.attention`` changes summation order, not the model."""
+@pytest.mark.parametrize("t, s", [(16, 16), (5, 12)])  # training (causal) and a decoding chunk
+def test_xla_attention_has_the_layout_grouping_and_gradients_of_jax_dot_product_attention(t, s):
+    """``[B, T, N, H]`` inputs, grouped K/V heads and the ``[B, T, S]`` mask mean the same as in
+    ``jax.nn.dot_product_attention`` (which the cuDNN path calls), values and gradients: our stacked
+    group layout and late softmax normalisation change summation order, not the model."""
     rng = np.random.default_rng(1)
-    b, t, n, kv, h = 2, 16, 6, 2, 8
-    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((b, t, n, h), (b, t, kv, h), (b, t, kv, h)))
-    ours = _attention_xla(q, k, v, jnp.tril(jnp.ones((t, t), bool))[None])
-    ref = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-6)
+    b, n, kv, h = 2, 6, 2, 8
+    q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.float32) for sh in ((b, t, n, h), (b, s, kv, h), (b, s, kv, h)))
+    cot = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+    positions = (s - t) + jnp.arange(t)
+    mask_BxTxS = jnp.broadcast_to(jnp.arange(s)[None, :] <= positions[:, None], (b, t, s))
+
+    def ours(q, k, v):
+        return jnp.sum(_attention_xla(q, k, v, mask_BxTxS) * cot)
+
+    def ref(q, k, v):
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask_BxTxS[:, None], implementation="xla")
+        return jnp.sum(out * cot)
+
+    got, want = jax.value_and_grad(ours, (0, 1, 2))(q, k, v), jax.value_and_grad(ref, (0, 1, 2))(q, k, v)
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_master_weights_and_the_loss():
