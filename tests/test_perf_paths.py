@@ -135,3 +135,25 @@ def test_gpu_bench_script_runs_end_to_end_on_cpu(tmp_path):
     assert "bitnet-jax (attention xla)" in table and "60,000 steps" in table
     rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
     assert rows[0]["tokens_per_s"] > 0 and rows[0]["first_loss"] > 0
+
+
+@pytest.mark.parametrize("overrides", [{}, {"model": {"num_key_value_heads": 4}}, {"model": {"num_key_value_heads": 1}}])
+def test_matmul_floor_lists_every_matmul_of_the_step(overrides):
+    """The floor's list of products adds up to the step's FLOPs (6 N + 12 L d T, whose 6 N also
+    counts the norm weights, a few parameters that are no matmul): nothing is left out or doubled."""
+    import importlib.util
+
+    from bitnet_jax.model import flops_per_token
+
+    spec = importlib.util.spec_from_file_location("floor", REPO / "benchmarks/bench_matmul_floor.py")
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    data = {k: dict(v) for k, v in SMALL.items()}
+    for section, values in overrides.items():
+        data[section].update(values)
+    cfg = from_dict(data)
+    m, t = cfg.model, cfg.train
+    tokens = t.batch_size * t.seq_len
+    listed = sum(2 * b * mm * k * n * count for _, count, (b, mm, k, n) in floor.step_matmuls(cfg))
+    norm_params = m.num_hidden_layers * (3 * m.hidden_size + m.intermediate_size) + m.hidden_size
+    assert listed == (flops_per_token(cfg.model, t.seq_len) - 6 * norm_params) * tokens
