@@ -397,11 +397,6 @@ def main(argv=None) -> int:
     for f in failures:
         print(f"  FAILED {f}", flush=True)
     rows = [r.result(cfg.tokens_per_step, fpt, peak_total) for r in runners if r.times]
-    profiled = None
-    if args.profile and runners and runners[0].live:
-        compiled, holder, device_batches = runners[0].live
-        profiled = profile(compiled, holder["state"], device_batches)
-
     table = format_table(rows, cfg, total_steps)
     print()
     print(table)
@@ -413,6 +408,15 @@ def main(argv=None) -> int:
         summary["speedup_vs_transformers"] = best.tokens_per_s / theirs[0].tokens_per_s
         print(f"\nbitnet-jax / transformers tokens/s: {summary['speedup_vs_transformers']:.2f}x "
               f"(same config, weights and batches; first losses {best.first_loss:.4f} vs {theirs[0].first_loss:.4f})")
+    profiled = None
+    if args.profile and runners and runners[0].live:
+        # After the table is out: a tracer that fails (no CUPTI) or a timeout loses only the profile.
+        compiled, holder, device_batches = runners[0].live
+        try:
+            profiled = profile(compiled, holder["state"], device_batches)
+        except (Stopped, Exception) as e:
+            failures.append(f"profile: {type(e).__name__}: {str(e)[:300]}")
+            print(f"  FAILED {failures[-1]}", flush=True)
     if profiled:
         cats, ops = profiled
         total = sum(cats.values())

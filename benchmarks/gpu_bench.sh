@@ -8,7 +8,8 @@
 #
 # Environment knobs (defaults in brackets): CONFIG [configs/bitnet_95m.yaml], SETS [""] extra
 # "--set k=v" arguments, STEPS [20] timed steps, WARMUP [3], ATTENTION [cudnn,xla on GPU, xla
-# elsewhere], TOTAL_STEPS [60000], BENCH_TIMEOUT [270] seconds for the Python part (on expiry it
+# elsewhere], TOTAL_STEPS [60000], PROFILE [1]: also trace 5 steps of the first contestant and print
+# where the time goes (kernel time by the model's named scopes), BENCH_TIMEOUT [270] seconds for the Python part (on expiry it
 # stops measuring and still prints the table of the steps timed so far), PYTHON
 # [.venv/bin/python if present, else python3]. The benchmark needs only jax, flax, optax, numpy and
 # PyYAML (random token batches: no tokenizer, datasets or tensorboardX). INSTALL_WHEELS=1 first
@@ -67,7 +68,8 @@ fi
 set_args=()
 for kv in $SETS; do set_args+=(--set "$kv"); done
 out_args=()
-if [ -n "${OUT:-}" ]; then out_args=(--out "$OUT/gpu_bench.md" --json "$OUT/gpu_bench.json"); fi
+if [ "${PROFILE:-1}" = 1 ]; then out_args+=(--profile); fi
+if [ -n "${OUT:-}" ]; then out_args+=(--out "$OUT/gpu_bench.md" --json "$OUT/gpu_bench.json"); fi
 
 say "== bench_train.py --config $CONFIG ${SETS:+(--set $SETS)} --attention $ATTENTION"
 timeout "$BENCH_TIMEOUT" $PY benchmarks/bench_train.py --config "$CONFIG" "${set_args[@]}" \
