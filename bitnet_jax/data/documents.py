@@ -76,7 +76,7 @@ class DocumentStream:
 
     def _epoch(self, epoch: int, state: dict | None, doc_index: int) -> Iterator[tuple[str, Position]]:
         ds = self._dataset(state)
-        rows = self._rows(ds)
+        rows = self._rows(ds, state)
         docs = _articles(rows) if self.spec.lines_are_rows else rows
         for text, ds_state in docs:
             index = doc_index
@@ -89,13 +89,17 @@ class DocumentStream:
                 continue
             yield text, {"epoch": epoch, "dataset": ds_state, "doc_index": index}
 
-    def _rows(self, ds) -> Iterator[tuple[str, dict]]:
-        """(text, dataset state just before this row) for every row."""
+    def _rows(self, ds, loaded_state: dict | None) -> Iterator[tuple[str, dict]]:
+        """(text, dataset state just before this row) for every row. ``loaded_state`` is the state ``ds``
+        was opened at: until iteration begins, ``datasets`` reports the epoch's start instead of it,
+        and a position saved within the first document would then resume at the wrong place."""
         column = self.spec.text_column
         it = iter(ds)
         checked = False
+        before = loaded_state
         while True:
-            before = ds.state_dict()
+            if before is None:
+                before = ds.state_dict()
             try:
                 row = next(it)
             except StopIteration:
@@ -113,6 +117,7 @@ class DocumentStream:
                 raise DataError(f"data.text_column {column!r} of {self._what()} holds "
                                 f"{type(text).__name__} values, not text; choose a text column")
             yield text, before
+            before = None
 
     def _what(self) -> str:
         if self.spec.files:
