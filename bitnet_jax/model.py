@@ -90,8 +90,12 @@ def _tied_head_fwd(x_BxTxD, embed_VxD):
 
 def _tied_head_bwd(res, g_BxTxV):
     x_BxTxD, embed_VxD = res
-    _, vjp_x = jax.vjp(lambda x: jnp.dot(x, embed_VxD.T, preferred_element_type=jnp.float32), x_BxTxD)
-    (dx_BxTxD,) = vjp_x(g_BxTxV)
+    # bf16 compute: the logits' cotangent is rounded to bf16 as well (as mixed-precision autocast does),
+    # so both backward matmuls are bf16 x bf16 with float32 accumulation. A float32 x bf16 product
+    # would make XLA upcast the embedding and run a float32 matmul over the [B*T, V] operand; these
+    # two matmuls are 2/3 of the head's FLOPs. In float32 compute nothing is rounded.
+    g_BxTxV = g_BxTxV.astype(x_BxTxD.dtype)
+    dx_BxTxD = jnp.dot(g_BxTxV, embed_VxD, preferred_element_type=jnp.float32).astype(x_BxTxD.dtype)
     # As autodiff: accumulate in float32, round to the embedding's compute dtype.
     x_NxD, g_NxV = x_BxTxD.reshape(-1, x_BxTxD.shape[-1]), g_BxTxV.reshape(-1, g_BxTxV.shape[-1])
     dembed_DxV = jax.lax.dot_general(x_NxD, g_NxV, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)

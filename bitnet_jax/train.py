@@ -223,12 +223,25 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
     if pc == 1:
         stop.install()
     end = stop_at or total
+    stopped_by = None  # why the loop ended early, in words
     metrics.start_clock()
     try:
         while step < end:
-            if stop.requested or ckpt.reached_preemption(step) or anomalies.halt_reason:
+            if stop.requested:
+                stopped_by = stop.signal_name
                 break
-            rows = poison_if_due(next(loader), step + 1, cfg.train.debug_poison_step, cfg.model.vocab_size)
+            if ckpt.reached_preemption(step):
+                stopped_by = "a preemption notice (SIGTERM to one of the processes)"
+                break
+            if anomalies.halt_reason:
+                break
+            try:
+                rows = next(loader)
+            except StopIteration:  # data.repeat=false and the source is used up: save and stop cleanly
+                stopped_by = "the end of the data (data.repeat=false)"
+                summary["data_ran_out"] = True
+                break
+            rows = poison_if_due(rows, step + 1, cfg.train.debug_poison_step, cfg.model.vocab_size)
             anomalies.remember_batch(step + 1, rows)  # host rows, for a dump if step + 1 turns out bad
             batch = sharding.global_batch(rows, mesh)
             state, step_metrics = train_step(state, batch)
@@ -253,7 +266,7 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
         tb.close()
     summary.update(final_loss=metrics.last.get("loss"), step=step, total_steps=total,
                    median_step_ms=metrics.median_step_ms(), tokens_per_step=cfg.tokens_per_step,
-                   stopped_by=stop.signal_name or ("--stop-at" if step < total else None),
+                   stopped_by=stopped_by or ("--stop-at" if step == stop_at < total else None),
                    stop_seconds=stop.seconds_since(), halted=anomalies.halt_reason)
     return summary
 
@@ -278,7 +291,12 @@ def print_summary(paths: RunPaths, summary: dict) -> None:
         took = f" in {summary['stop_seconds']:.1f} s" if summary.get("stop_seconds") is not None else ""
         print(f"stopped by {summary['stopped_by']} at step {summary['step']} of {summary['total_steps']}: "
               f"saved checkpoints/{summary['step']}{took}")
-        print(f"resume with:   {resume_lib.resume_command(paths.root)}")
+        if summary.get("data_ran_out"):
+            print(f"to train on, start a new run from it with more data (its stream starts afresh): --resume "
+                  f"{paths.root / 'checkpoints' / str(summary['step'])} --run-id NEW_ID --set data.data_files=... "
+                  "(or --set data.repeat=true)")
+        else:
+            print(f"resume with:   {resume_lib.resume_command(paths.root)}")
 
 
 def main(argv: list[str] | None = None) -> int:

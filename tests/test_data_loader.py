@@ -253,6 +253,22 @@ def test_errors_while_streaming_reach_next(tmp_path):
                 next(loader)
 
 
+def test_a_malformed_row_deep_in_the_stream_names_the_data_and_what_to_do(tmp_path):
+    good = [json.dumps({"text": f"document {i}: " + "word " * 400}) for i in range(6)]
+    (tmp_path / "a.jsonl").write_text("\n".join(good) + "\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text("\n".join(good[:2] + ["{not json"]) + "\n", encoding="utf-8")
+    files = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    cfg = Config(train=TrainConfig(batch_size=2, seq_len=32), eval=EvalConfig(batches=1),
+                 data=DataConfig(source="local", data_files=files, tokenize_batch=1))
+    tok = load_tokenizer(cfg.tokenizer)
+    with build_train_loader(cfg, tok) as loader:
+        next(loader)  # the first file trains normally
+        with pytest.raises(DataError, match=r"reading .*a\.jsonl \(\+1 more files\) failed after \d+ rows.*"
+                                            r"ArrowInvalid.*Fix or remove the bad file"):
+            for _ in range(1000):
+                next(loader)
+
+
 def test_shipped_fineweb_config_loads_batches_from_the_fixture(shared_data, llama_tokenizer_dir, tmp_path):
     from bitnet_jax import config
 

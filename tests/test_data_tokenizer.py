@@ -114,6 +114,24 @@ def test_hub_tokenizer_offline_says_so_and_how_to_fix():
     assert "HF_HUB_OFFLINE" in msg and "tokenizer.name_or_path" in msg
 
 
+def test_gated_hub_tokenizer_says_to_accept_the_licence_or_use_a_local_copy(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(repo_id, filename, **kwargs):
+        import httpx2
+
+        request = httpx2.Request("GET", f"https://huggingface.co/{repo_id}/resolve/main/{filename}")
+        raise GatedRepoError(f"access to {repo_id} is restricted", response=httpx2.Response(401, request=request))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    with pytest.raises(DataError) as e:
+        load_tokenizer(TokenizerConfig(name_or_path="meta-llama/Llama-2-7b-hf"))
+    msg = str(e.value)
+    assert "gated" in msg and "licence" in msg and "tokenizer.name_or_path" in msg
+    assert "neither a local path" not in msg
+
+
 def test_describe_names_files_and_their_sha256(llama_tokenizer_dir):
     desc = load_tokenizer(TokenizerConfig(name_or_path=str(llama_tokenizer_dir))).describe()
     assert desc["kind"] == "sentencepiece" and desc["vocab_size"] == 32000

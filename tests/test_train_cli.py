@@ -68,3 +68,24 @@ def test_short_run_writes_config_and_every_step_scalars(tmp_path):
     assert stage[12] == 1 and stage[13] == 2  # the update made at count 12 is stage 2
     assert [e.step for e in acc.Scalars("eval/loss")] == [12, 24]
     assert np.mean([e.value for e in loss[-6:]]) < loss[0].value
+
+
+@pytest.mark.slow
+def test_running_out_of_data_saves_and_stops_cleanly(tmp_path, shared_data):
+    """data.repeat=false: when the source is used up, the run saves its last step and exits 0 saying
+    why, instead of dying with everything since the last checkpoint lost."""
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    # 60 paragraphs: enough for the held-out batch and a few training batches, far fewer than 200 steps
+    corpus = tmp_path / "plays.txt"
+    corpus.write_text("\n\n".join(text.split("\n\n")[:60]), encoding="utf-8")
+    out = run_train("--config", "configs/tiny.yaml", "--runs-dir", str(tmp_path), "--run-id", "r", *SHORT,
+                    "--set", "train.steps=200", "--set", "checkpoint.every=1000", "--set", "data.source=local",
+                    "--set", f"data.data_files={corpus}", "--set", "data.repeat=false",
+                    "--set", "data.text_column=text")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "stopped by the end of the data (data.repeat=false) at step" in out.stdout
+    last = int(out.stdout.split("stopped by the end of the data (data.repeat=false) at step ")[1].split()[0])
+    assert 0 < last < 200
+    assert (tmp_path / "r" / "checkpoints" / str(last)).is_dir()
+    assert "resume with" not in out.stdout  # resuming in place would stop again at once
+    assert f"--resume {tmp_path / 'r' / 'checkpoints' / str(last)} --run-id NEW_ID" in out.stdout

@@ -97,6 +97,7 @@ class DocumentStream:
         it = iter(ds)
         checked = False
         before = loaded_state
+        read = 0
         while True:
             if before is None:
                 before = ds.state_dict()
@@ -106,6 +107,13 @@ class DocumentStream:
                 return
             except UnicodeDecodeError as e:
                 raise DataError(non_utf8_message(self.spec, e)) from None
+            except DataError:
+                raise
+            except Exception as e:  # a malformed json/csv/parquet row, a dropped connection: say where
+                raise DataError(f"reading {self._what()} failed after {read} rows of this epoch: "
+                                f"{type(e).__name__}: {e}. Fix or remove the bad file (for a hub dataset, "
+                                "check the network and resume)") from e
+            read += 1
             if not checked:
                 if column not in row:
                     raise DataError(

@@ -150,6 +150,11 @@ def build_train_loader(cfg: Config, tok, process_index: int = 0, process_count: 
     if not 0 <= process_index < process_count:
         raise ConfigError(f"process_index {process_index} is outside [0, {process_count})")
     rows = rows_per_process(cfg, process_count)
+    if process_count > 1 and not cfg.data.repeat:
+        # Shards hold different numbers of documents, so one process would run out while the others
+        # wait for it in the next collective: no clean way to agree on the end without a per-step sync.
+        raise DataError("data.repeat=false is not supported with several processes (their shards end at "
+                        "different steps); keep data.repeat=true and bound the run with train.steps")
     check_vocab(cfg, tok)
     spec = source_spec(cfg.data)
     heldout = heldout_set(cfg, tok, spec)  # opens the source here: bad data fails in the caller

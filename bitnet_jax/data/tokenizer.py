@@ -236,7 +236,8 @@ def _special_tokens_beside(folder: Path) -> tuple[str | None, str | None]:
 
 def _load_hub(name: str) -> Tokenizer:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     fetched: dict[str, Path] = {}
     for fname in _HUB_FILES:
@@ -254,10 +255,14 @@ def _load_hub(name: str) -> Tokenizer:
                 f"cache. {offline_hint()}Download it once where there is a network, or point "
                 "tokenizer.name_or_path at local files, e.g. --set tokenizer.name_or_path=../shared/data/llama2_tokenizer"
             ) from None
+        except GatedRepoError:  # a subclass of RepositoryNotFoundError: catch it first
+            raise DataError(f"tokenizer {name!r} is a gated model on the Hugging Face hub: accept its licence on "
+                            "the model page and log in (hf auth login, or set HF_TOKEN), or point "
+                            "tokenizer.name_or_path at a local copy of its tokenizer files") from None
         except RepositoryNotFoundError:
             raise DataError(f"tokenizer {name!r} is neither a local path nor a model on the Hugging Face "
                             "hub; check the name or give a local tokenizer.json / tokenizer.model") from None
-        except Exception as e:  # offline, no network, gated repo
+        except Exception as e:  # offline, no network
             if fname != "tokenizer.json" and "tokenizer.json" in fetched:
                 continue
             raise DataError(
