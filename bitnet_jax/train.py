@@ -151,7 +151,8 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
     # Tokenizer: check it fits the model before any compute, keep a copy with the run.
     tokenizer = load_tokenizer(cfg.tokenizer)
     check_vocab(cfg, tokenizer)
-    tokenizer.save(paths.tokenizer)
+    if jax.process_index() == 0:  # one writer: the processes share the run directory
+        tokenizer.save(paths.tokenizer)
 
     # Model, optimizer state and the jitted steps, laid out on the mesh (restored when resuming).
     mesh = sharding.make_mesh(cfg.mesh)
@@ -253,7 +254,7 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
                 run_due_hooks(hooks, step, total, on_time=lambda tag, ms, s=step: tb.scalars(s, {tag: ms}))
                 metrics.resume_clock(mark)
             if summary["first_loss"] is None and metrics.losses:
-                summary["first_loss"] = metrics.losses[0][1]
+                summary["first_step"], summary["first_loss"] = metrics.losses[0]
         metrics.flush()
         if ckpt.last_saved != step:  # the final step, --stop-at, or a stop request
             save(step)
@@ -276,7 +277,8 @@ def print_summary(paths: RunPaths, summary: dict) -> None:
     print()
     if first is not None and last is not None:
         drop = 100.0 * (1 - last / first)
-        print(f"train loss: {first:.4f} (first step) -> {last:.4f} (step {summary['step']}), {drop:.1f}% lower")
+        print(f"train loss: {first:.4f} (step {summary['first_step']}) -> {last:.4f} (step {summary['step']}), "
+              f"{drop:.1f}% lower")
     if summary.get("eval_loss") is not None:
         print(f"eval loss:  {summary['eval_loss']:.4f} (perplexity {math.exp(summary['eval_loss']):.1f})")
     if summary.get("median_step_ms"):
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = None
         if args.resume:
             cfg, plan = resume_lib.plan(args.resume, args.runs_dir, args.run_id, args.config,
-                                        args.overrides, args.stop_at)
+                                        args.overrides, args.stop_at, dry_run=args.dry_run)
         elif args.config:
             cfg = config_lib.load(args.config, args.overrides)
             resume_lib.check_stop_at(args.stop_at, cfg)

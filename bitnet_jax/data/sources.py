@@ -27,7 +27,7 @@ from typing import Any
 from bitnet_jax.config import DataConfig
 from bitnet_jax.data.errors import DataError
 
-HUB_DEFAULTS = {  # source -> (hub dataset, config, text column)
+HUB_DEFAULTS = {  # source -> (hub dataset, config)
     "fineweb_edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
     "wikitext": ("Salesforce/wikitext", "wikitext-103-raw-v1"),
 }

@@ -1,5 +1,6 @@
-"""Tokenizing documents off the loader thread: in-thread (the backend's own thread pool) or in
-``data.num_workers`` spawned processes, always returning results in submission order."""
+"""Tokenizing the loader thread's documents: in that thread (``data.num_workers: 0``; the tokenizer
+backend's own thread pool does the work) or in ``data.num_workers`` spawned processes, always
+returning results in submission order."""
 
 from __future__ import annotations
 
