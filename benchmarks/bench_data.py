@@ -63,7 +63,7 @@ def run_case(files: list[str], workers: int, batch: int, seq_len: int, seconds: 
                 tokens += sum(a.shape[0] for a in tok.encode_documents(texts[i:i + 256]))
         return {"tokens_per_s": tokens / (time.perf_counter() - start)}
     cfg = Config(model=ModelConfig(vocab_size=32000, max_position_embeddings=seq_len),
-                 train=TrainConfig(batch_size=batch, seq_len=seq_len), eval=EvalConfig(batches=0),
+                 train=TrainConfig(batch_size=batch, seq_len=seq_len), eval=EvalConfig(every=0, batches=0),
                  data=DataConfig(source="fineweb_edu", data_files=files, num_workers=workers, prefetch_batches=8))
     with build_train_loader(cfg, tok) as loader:
         for _ in range(3):  # warm-up: thread start, worker start, first files

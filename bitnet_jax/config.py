@@ -9,6 +9,7 @@ read by other tools (status.py, benchmarks).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,11 @@ import yaml
 
 class ConfigError(ValueError):
     """A config that cannot be run. The message says what to change."""
+
+
+class _BadValue(ConfigError):
+    """The value has an accepted type but can never be right (e.g. NaN for a float); a union
+    annotation reports this one instead of the generic type mismatch."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -35,7 +41,7 @@ class ModelConfig:
     hidden_act: Literal["relu2", "silu"] = "relu2"
     initializer_range: float = 0.02
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cudnn on GPU with bf16, else xla
+    attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cudnn on GPU with bf16, else xla; cudnn needs bf16
 
     @property
     def kv_heads(self) -> int:
@@ -72,7 +78,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # global gradient-norm clip, > 0 (a large value such as 1e9: effectively none)
 
 
 @dataclasses.dataclass(slots=True)
@@ -110,8 +116,8 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(slots=True)
 class EvalConfig:
-    every: int = 100
-    batches: int = 4
+    every: int = 100  # 0: no evaluation at all (neither periodic nor at the end)
+    batches: int = 4  # >= 1 while evaluation is on; 0 (only with every 0): nothing held out
 
 
 @dataclasses.dataclass(slots=True)
@@ -182,15 +188,25 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Checks ``value`` against the annotation ``tp``; returns it (ints widen to floats)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
+        specific = None
         for arg in typing.get_args(tp):
             try:
                 return _coerce(key, value, arg)
+            except _BadValue as e:
+                specific = specific or e
             except ConfigError:
                 continue
+        if specific is not None:
+            raise specific
     elif origin is Literal:
         if value in typing.get_args(tp):
             return value
@@ -210,26 +226,40 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int too large for a float
+                number = math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .nan / .inf in YAML, "nan" / "inf" / "1e999" as strings
+                raise _BadValue(f"{key}: expected a finite number, got {_short(value)}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_short(value)} ({type(value).__name__})")
+
+
+def _finite_hint(field: dataclasses.Field) -> str:
+    default = "null" if field.default is None else repr(field.default)
+    return f"give a real number (NaN and infinity are not), e.g. the default {default}"
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     if not isinstance(data, dict):
         where = prefix.rstrip(".") or "the config"
-        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping of keys ({', '.join(list(fields)[:3])}, ...), "
+                          f"got {_short(data)}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         where = prefix.rstrip(".") or "top level"
         raise ConfigError(
@@ -239,15 +269,26 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for name, value in data.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.")
+            if value is None:  # "model:" with nothing under it: all defaults
+                value = {}
+            elif not isinstance(value, dict):
+                raise ConfigError(
+                    f"{prefix}{name}: expected a section (a mapping of keys such as "
+                    f"{', '.join(f.name for f in dataclasses.fields(tp)[:2])}), got {_short(value)}; "
+                    f"give {prefix}{name}'s keys under it, or leave it out for the defaults"
+                )
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = _coerce(f"{prefix}{name}", value, tp)
+            try:
+                kwargs[name] = _coerce(f"{prefix}{name}", value, tp)
+            except _BadValue as e:  # surfaces as a plain ConfigError, with what to give instead
+                raise ConfigError(f"{e}; {_finite_hint(fields[name])}") from None
     return cls(**kwargs)
 
 
 def from_dict(data: dict[str, Any]) -> Config:
     """Builds and validates a Config from nested dicts (as read from YAML)."""
-    cfg = _build(Config, data or {}, "")
+    cfg = _build(Config, {} if data is None else data, "")
     validate(cfg)
     return cfg
 
@@ -277,6 +318,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = data
         for part in path[:-1]:
             nxt = node.setdefault(part, {})
+            if nxt is None:  # "model:" with nothing under it
+                nxt = node[part] = {}
             if not isinstance(nxt, dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a section")
             node = nxt
@@ -290,9 +333,16 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; see configs/ for the shipped ones")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:  # an empty file: all defaults
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections (name:, model:, train:, optim:, ...), "
+            f"got a {type(data).__name__} ({str(data)[:60]!r}); see configs/tiny.yaml for the layout"
+        )
     data.setdefault("name", path.stem)
     return from_dict(apply_overrides(data, overrides or []))
 
@@ -316,13 +366,33 @@ def diff_keys(a: Config, b: Config) -> list[str]:
 
 # --------------------------------------------------------------------------- validation
 
-def _positive(key: str, value: int | float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key} must be positive, got {value}")
+def _positive(key: str, value: int | float, hint: str = "") -> None:
+    if not value > 0:  # not "value <= 0": NaN must fail too
+        raise ConfigError(f"{key} must be positive, got {value}" + (f"; {hint}" if hint else ""))
+
+
+def _check_finite(cfg: Config) -> None:
+    """NaN / infinity in any float field (a Config built in code skips ``_coerce``)."""
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(sub):
+            continue
+        for f in dataclasses.fields(sub):
+            value = getattr(sub, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section.name}.{f.name}: expected a finite number, got {value}; "
+                                  f"{_finite_hint(f)}")
+
+
+SEED_MAX = 2**31 - 1  # jax keys take int64; train.seed + 2 derives the sampling key
 
 
 def validate(cfg: Config) -> None:
+    _check_finite(cfg)
     m, t, o = cfg.model, cfg.train, cfg.optim
+    if not cfg.name.strip() or any(c in cfg.name for c in "/\\"):
+        raise ConfigError(f"name {cfg.name!r} starts the run folder's name: give a non-empty name without "
+                          "'/' or '\\', e.g. name: tiny")
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "intermediate_size", "max_position_embeddings"):
         _positive(f"model.{key}", getattr(m, key))
@@ -335,6 +405,15 @@ def validate(cfg: Config) -> None:
         )
     if m.head_dim % 2:
         raise ConfigError(f"head dim {m.head_dim} (hidden_size / num_attention_heads) must be even for RoPE")
+    _positive("model.rope_theta", m.rope_theta, "it is the RoPE base, e.g. 10000.0")
+    _positive("model.rms_norm_eps", m.rms_norm_eps, "it keeps RMSNorm from dividing by zero, e.g. 1e-5")
+    _positive("model.initializer_range", m.initializer_range,
+              "it is the std of the normal weight init (0 makes every weight zero and nothing learns), e.g. 0.02")
+    if m.attention == "cudnn" and m.compute_dtype != "bfloat16":
+        raise ConfigError(
+            f"model.attention 'cudnn' needs model.compute_dtype bfloat16 (cuDNN attention has no "
+            f"{m.compute_dtype} kernel); set model.compute_dtype=bfloat16, or model.attention=auto or xla"
+        )
     if m.num_key_value_heads is not None:
         _positive("model.num_key_value_heads", m.num_key_value_heads)
         if m.num_attention_heads % m.num_key_value_heads:
@@ -349,6 +428,8 @@ def validate(cfg: Config) -> None:
         )
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
+    if not 0 <= t.seed <= SEED_MAX:
+        raise ConfigError(f"train.seed must lie in [0, {SEED_MAX}], got {t.seed}; pick a smaller non-negative seed")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     if not (o.warmup_steps < cfg.stage_switch <= t.steps):
@@ -362,6 +443,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.min_lr ({o.min_lr}) must lie in [0, min(peak_lr_1, peak_lr_2)]")
     if not 0 <= o.beta1 < 1 or not 0 <= o.beta2 < 1:
         raise ConfigError("optim.beta1 and optim.beta2 must lie in [0, 1)")
+    _positive("optim.eps", o.eps, "it keeps Adam from dividing by zero, e.g. 1e-8")
+    if not o.weight_decay >= 0:
+        raise ConfigError(f"optim.weight_decay must be >= 0 (0: no decay), got {o.weight_decay}; "
+                          "a negative decay grows the weights, e.g. use 0.1")
+    _positive("optim.grad_clip", o.grad_clip,
+              "it is the global gradient-norm clip threshold (0 stops learning, below 0 flips the "
+              "gradient), e.g. 1.0; for effectively no clipping give a large value such as 1e9")
     for key in ("every", "keep_last"):
         if getattr(cfg.checkpoint, key) < 0:
             raise ConfigError(f"checkpoint.{key} must be >= 0 (0 disables), got {getattr(cfg.checkpoint, key)}")
@@ -369,6 +457,19 @@ def validate(cfg: Config) -> None:
                        ("log.samples_every", cfg.log.samples_every)):
         if value < 0:
             raise ConfigError(f"{key} must be >= 0 (0 disables), got {value}")
+    # eval.every = 0 turns evaluation off (no periodic and no final eval); only then may eval.batches
+    # be 0 (nothing held out). Evaluating 0 batches would log a NaN eval loss.
+    ev = cfg.eval
+    if ev.batches < 0:
+        raise ConfigError(f"eval.batches must be >= 1 (or 0 with eval.every=0: no evaluation, nothing held out), "
+                          f"got {ev.batches}")
+    if ev.every > 0 and ev.batches == 0:
+        raise ConfigError(f"eval.batches is 0 but evaluation is on (eval.every={ev.every}): it would average "
+                          "no batches; set eval.batches >= 1, or eval.every=0 to turn evaluation off")
+    if ev.every > 0 and cfg.data.eval_documents == 0:
+        raise ConfigError(f"data.eval_documents is 0 (nothing held out) but evaluation is on (eval.every={ev.every}, "
+                          f"eval.batches={ev.batches}); set data.eval_documents to null (just enough) or a "
+                          "positive count, or eval.every=0 to turn evaluation off")
     lg = cfg.log
     if lg.spike_window < 2:
         raise ConfigError(f"log.spike_window must be >= 2 steps of history, got {lg.spike_window}")
@@ -388,6 +489,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError("mesh.fsdp must be >= 1 and mesh.data >= 1 (or -1 for all remaining devices)")
     if cfg.data.source == "local" and not cfg.data.data_files:
         raise ConfigError("data.source is 'local' but data.data_files is empty; give files or globs")
+    if cfg.data.source == "builtin":
+        ignored = [k for k in ("data_files", "hf_path", "hf_name") if getattr(cfg.data, k)]
+        if ignored:  # the builtin corpus would be trained on, not what was asked for
+            raise ConfigError(f"data.source is 'builtin' (the embedded corpus), which ignores data.{ignored[0]}; "
+                              "set data.source=local for your own files (or fineweb_edu / wikitext for those "
+                              "datasets), or drop data." + ignored[0])
+    if cfg.data.data_files is not None and any(not f.strip() for f in cfg.data.data_files):
+        raise ConfigError("data.data_files holds an empty path; give a file or glob for each entry")
+    for key in ("split", "text_column"):
+        if not getattr(cfg.data, key).strip():
+            default = DataConfig.__dataclass_fields__[key].default
+            raise ConfigError(f"data.{key} is empty; give a name (default: {default!r})")
     if cfg.data.eval_documents is not None and cfg.data.eval_documents < 0:
         raise ConfigError("data.eval_documents must be >= 0, or null to hold out just enough for eval.batches")
     for key in ("prefetch_batches", "tokenize_batch"):

@@ -67,3 +67,113 @@ def test_dump_round_trips():
     import yaml
     again = C.from_dict(yaml.safe_load(C.dump(cfg)))
     assert again == cfg and C.diff_keys(cfg, again) == []
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optim.grad_clip=.nan", "optim.grad_clip"),  # YAML .nan: a float NaN
+    ("optim.eps=nan", "optim.eps"),  # a string, converted by float()
+    ("model.rope_theta=.inf", "model.rope_theta"),
+    ("optim.peak_lr_1=-.inf", "optim.peak_lr_1"),
+    ("log.spike_zscore=1e999", "log.spike_zscore"),  # overflows to inf
+    ("log.peak_flops=inf", "log.peak_flops"),  # float | null: the finite rule, not "expected float | null"
+    ("model.initializer_range=" + "9" * 400, "model.initializer_range"),  # an int too large for a float
+])
+def test_non_finite_floats_refused(override, key):
+    with pytest.raises(C.ConfigError, match=rf"^{key}: expected a finite number, got .*; give a real number"):
+        C.load(CONFIGS / "tiny.yaml", [override])
+
+
+def test_non_finite_floats_refused_from_yaml_and_in_code(tmp_path):
+    path = tmp_path / "nan.yaml"
+    path.write_text("optim:\n  weight_decay: .nan\n")
+    with pytest.raises(C.ConfigError, match=r"optim\.weight_decay: expected a finite number.*e\.g\. the default 0\.1"):
+        C.load(path)
+    cfg = C.Config()  # built in code: validate() still refuses it
+    cfg.log.entropy_floor = float("nan")
+    with pytest.raises(C.ConfigError, match=r"log\.entropy_floor: expected a finite number.*give a real number"):
+        C.validate(cfg)
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"optim": {"grad_clip": 0}}, r"optim\.grad_clip must be positive, got 0.0; .*e\.g\. 1\.0"),
+    ({"optim": {"grad_clip": -1.0}}, r"optim\.grad_clip must be positive, got -1.0; .*flips the gradient"),
+    ({"optim": {"eps": 0}}, r"optim\.eps must be positive, got 0.0; .*e\.g\. 1e-8"),
+    ({"optim": {"eps": -1e-8}}, r"optim\.eps must be positive"),
+    ({"optim": {"weight_decay": -0.1}}, r"optim\.weight_decay must be >= 0 \(0: no decay\), got -0.1; .*e\.g\. use 0\.1"),
+    ({"model": {"rope_theta": 0}}, r"model\.rope_theta must be positive, got 0.0; .*e\.g\. 10000\.0"),
+    ({"model": {"rope_theta": -10000.0}}, r"model\.rope_theta must be positive"),
+    ({"model": {"rms_norm_eps": 0}}, r"model\.rms_norm_eps must be positive, got 0.0; .*e\.g\. 1e-5"),
+    ({"model": {"rms_norm_eps": -1e-5}}, r"model\.rms_norm_eps must be positive"),
+    ({"model": {"initializer_range": -0.02}}, r"model\.initializer_range must be positive, got -0.02; .*e\.g\. 0\.02"),
+    ({"model": {"initializer_range": 0}}, r"model\.initializer_range must be positive.*nothing learns"),
+    ({"train": {"seed": -1}}, r"train\.seed must lie in \[0, 2147483647\], got -1; pick a smaller non-negative seed"),
+    ({"train": {"seed": 2**63}}, r"train\.seed must lie in \[0, 2147483647\]"),
+    ({"name": ""}, r"name '' starts the run folder's name: give a non-empty name"),
+    ({"name": "runs/tiny"}, r"name 'runs/tiny' .*without '/'"),
+    ({"data": {"split": ""}}, r"data\.split is empty; give a name \(default: 'train'\)"),
+    ({"data": {"text_column": " "}}, r"data\.text_column is empty; give a name \(default: 'text'\)"),
+    ({"data": {"source": "local", "data_files": ["a.txt", ""]}}, r"data\.data_files holds an empty path; give a file"),
+    ({"data": {"source": "builtin", "data_files": ["my.txt"]}}, r"ignores data\.data_files; set data\.source=local"),
+    ({"data": {"hf_path": "someone/corpus"}}, r"'builtin' .*ignores data\.hf_path"),
+])
+def test_impossible_values_refused(data, message):
+    with pytest.raises(C.ConfigError, match=message):
+        C.from_dict(data)
+
+
+def test_eval_batches_must_be_positive_while_evaluation_is_on():
+    # eval.every > 0: evaluation runs (periodically and at the end), so it needs batches to average.
+    with pytest.raises(C.ConfigError, match=r"eval\.batches is 0 but evaluation is on \(eval\.every=100\).*"
+                                            r"set eval\.batches >= 1, or eval\.every=0 to turn evaluation off"):
+        C.load(CONFIGS / "tiny.yaml", ["eval.every=100", "eval.batches=0"])
+    with pytest.raises(C.ConfigError, match=r"eval\.batches must be >= 1 \(or 0 with eval\.every=0.*got -1"):
+        C.from_dict({"eval": {"every": 0, "batches": -1}})  # negative: refused even with evaluation off
+    with pytest.raises(C.ConfigError, match=r"data\.eval_documents is 0 .*evaluation is on.*"
+                                            r"set data\.eval_documents to null .*or eval\.every=0"):
+        C.from_dict({"data": {"eval_documents": 0}})
+    # eval.every = 0 turns evaluation off: then nothing needs to be held out.
+    off = C.from_dict({"eval": {"every": 0, "batches": 0}, "data": {"eval_documents": 0}})
+    assert (off.eval.every, off.eval.batches, off.data.eval_documents) == (0, 0, 0)
+
+
+def test_cudnn_attention_needs_bfloat16():
+    with pytest.raises(C.ConfigError, match=r"model\.attention 'cudnn' needs model\.compute_dtype bfloat16.*"
+                                            r"set model\.compute_dtype=bfloat16, or model\.attention=auto or xla"):
+        C.from_dict({"model": {"attention": "cudnn", "compute_dtype": "float32"}})
+    assert C.from_dict({"model": {"attention": "cudnn", "compute_dtype": "bfloat16"}}).model.attention == "cudnn"
+    for attention in ("auto", "xla"):
+        assert C.from_dict({"model": {"attention": attention, "compute_dtype": "float32"}}).model.attention == attention
+
+
+@pytest.mark.parametrize("value", [0, [], "big", False])
+def test_section_that_is_not_a_mapping_refused(value):
+    """A falsy non-mapping used to be replaced by the defaults silently."""
+    with pytest.raises(C.ConfigError, match=r"^model: expected a section .*got .*; give model's keys under it, "
+                                            r"or leave it out for the defaults"):
+        C.from_dict({"model": value})
+
+
+def test_empty_section_means_defaults(tmp_path):
+    path = tmp_path / "empty_section.yaml"
+    path.write_text("model:\ntrain:\n  steps: 80\n")  # "model:" with nothing under it is null
+    cfg = C.load(path)
+    assert cfg.model == C.ModelConfig() and cfg.train.steps == 80
+    assert C.load(path, ["model.hidden_size=64"]).model.hidden_size == 64  # --set into the empty section
+    with pytest.raises(C.ConfigError, match=r"the config: expected a mapping of keys \(name, model, train, \.\.\.\)"):
+        C.from_dict([])
+
+
+@pytest.mark.parametrize("text,kind", [("- model\n- train\n", "list"), ("just a string\n", "str"), ("3\n", "int")])
+def test_yaml_top_level_must_be_a_mapping(tmp_path, text, kind):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(C.ConfigError, match=rf"bad\.yaml: the top level must be a mapping of sections .*got a {kind}.*"
+                                            r"see configs/tiny\.yaml"):
+        C.load(path)
+    path.write_text("")  # an empty file is all defaults, named after the file
+    assert C.load(path).name == "bad"
+
+
+def test_unknown_non_string_key_named():
+    with pytest.raises(C.ConfigError, match=r"unknown config key train\.1 \(in train\)"):
+        C.from_dict({"train": {1: 2, "stpes": 3}})
