@@ -19,9 +19,10 @@ import jax
 import numpy as np
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (SXM parts; the first matching
-# name wins, so the PCIe H100, a slower part, is listed before the SXM one).
+# name wins, so the PCIe and NVL H100s, slower parts, are listed before the SXM one).
 PEAK_FLOPS_BF16 = {
     "H100 PCIE": 756e12,
+    "H100 NVL": 835e12,
     "H100": 989e12,
     "H200": 989e12,
     "A100": 312e12,

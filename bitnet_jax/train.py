@@ -179,7 +179,8 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
     peak = cfg.log.peak_flops or device_peak_flops()
     metrics = StepMetrics(tb, tokens_per_step=cfg.tokens_per_step,
                           flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
-                          peak_flops_total=peak * jax.device_count() if peak else None, progress=progress)
+                          peak_flops_total=peak * jax.device_count() if peak else None, progress=progress,
+                          window=max(1000, cfg.eval.every))  # eval/train_eval_gap averages since the last eval
     anomalies = AnomalyDetector(cfg, paths.root, tb, tokenizer, write=pi == 0)
     metrics.listeners.append(anomalies.on_step_metrics)
     bitnet_metrics = BitNetMetrics(graphdef, evaluator.batches[0] if evaluator.batches else None)

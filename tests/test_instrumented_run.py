@@ -132,6 +132,7 @@ def test_peak_flops_table_matches_device_kinds():
 
     assert device_peak_flops(Kind("NVIDIA H100 80GB HBM3")) == 989e12
     assert device_peak_flops(Kind("NVIDIA H100 PCIe")) == 756e12
+    assert device_peak_flops(Kind("NVIDIA H100 NVL")) == 835e12
     assert device_peak_flops(Kind("NVIDIA H200")) == 989e12
     assert device_peak_flops(Kind("NVIDIA A100-SXM4-80GB")) == 312e12
     assert device_peak_flops(Kind("cpu")) is None

@@ -1,0 +1,62 @@
+"""StepMetrics: one step behind, hook time left out of step time, throughput and MFU from the clock,
+written to a real TensorBoard event file and read back."""
+
+import jax.numpy as jnp
+import pytest
+
+from bitnet_jax import metrics as metrics_lib
+from bitnet_jax.eventfile import EventLog
+
+
+class FakeClock:
+    """``time.perf_counter`` under the test's control: step times are exact, nothing sleeps."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _device_metrics(step: int) -> dict:
+    return {"loss": jnp.float32(5.0 - 0.5 * step), "lr": jnp.float32(1e-3), "wd": jnp.float32(0.1),
+            "grad_norm": jnp.float32(1.5), "stage": jnp.float32(1), "skipped": jnp.float32(0)}
+
+
+def test_metrics_are_fetched_one_step_behind_without_hook_time(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(metrics_lib.time, "perf_counter", clock)
+    tb = metrics_lib.TensorBoard(tmp_path)
+    m = metrics_lib.StepMetrics(tb, tokens_per_step=1000, flops_per_token=6e6, peak_flops_total=1e12)
+    seen = []
+    m.listeners.append(lambda step, host: seen.append(step))
+
+    m.start_clock()
+    clock.now += 0.5
+    m.push(1, _device_metrics(1))
+    assert seen == []  # step 1 is still in flight: pushing it fetches nothing
+    clock.now += 0.25
+    m.push(2, _device_metrics(2))
+    assert seen == [1]  # pushing step 2 fetched step 1, not step 2
+
+    mark = m.pause_clock()  # a hook runs for 10 s between steps: not step time
+    clock.now += 10.0
+    m.resume_clock(mark)
+    clock.now += 0.2
+    m.push(3, _device_metrics(3))
+    m.flush()
+    assert seen == [1, 2, 3]
+    tb.close()
+
+    log = EventLog(tmp_path)
+    log.update()
+    # Step k's time runs from the fetch of step k-1 (the clock's start for step 1) to its own fetch.
+    assert log.scalars("train/step_time_ms").values.tolist() == pytest.approx([750.0, 200.0, 0.0])
+    assert log.scalars("train/step_time_ms").steps.tolist() == [1, 2, 3]
+    tps = log.scalars("train/tokens_per_sec").values.tolist()
+    assert tps[:2] == pytest.approx([1000 / 0.75, 1000 / 0.2])
+    assert log.scalars("train/mfu").values.tolist()[:2] == pytest.approx([t * 6e6 / 1e12 for t in tps[:2]])
+    assert log.scalars("train/tokens_seen").values.tolist() == [1000, 2000, 3000]
+    assert log.scalars("train/loss").values.tolist() == [4.5, 4.0, 3.5]
+    assert "train/skipped_updates" not in log.tags()  # written only when an update was dropped
+    assert m.mean_loss_since(1) == pytest.approx(3.75)
