@@ -7,8 +7,8 @@ is the coordinator. Flags win over the environment::
     --num-processes N          JAX_NUM_PROCESSES
     --process-id I             JAX_PROCESS_ID
 
-``--coordinator auto`` leaves all three to JAX's cluster detection (SLURM, Open MPI, Kubernetes
-JobSet, TPU pods). Nothing given (or N = 1): a single process, and nothing is initialised.
+``--coordinator auto`` leaves the coordinator (and any of the other two not given) to JAX's cluster
+detection (SLURM, Open MPI, Kubernetes JobSet, TPU pods). Nothing given (or N = 1): a single process, and nothing is initialised.
 
 After ``initialize`` returns, ``jax.devices()`` lists the devices of every process; the mesh spans
 them all (``sharding.make_mesh``). Must run before anything touches a JAX device.
@@ -96,8 +96,9 @@ def initialize(group: ProcessGroup | None, timeout_s: int = 300) -> None:
         raise RuntimeError("distributed.initialize must run before any JAX device is used "
                            "(call it first thing, before building the mesh or the model)")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if group.coordinator == AUTO:
-        jax.distributed.initialize(initialization_timeout=timeout_s)
+    if group.coordinator == AUTO:  # JAX's cluster detection fills in whatever was not given
+        jax.distributed.initialize(num_processes=group.num_processes, process_id=group.process_id,
+                                   initialization_timeout=timeout_s)
     else:
         jax.distributed.initialize(group.coordinator, group.num_processes, group.process_id,
                                    initialization_timeout=timeout_s)
