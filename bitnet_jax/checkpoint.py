@@ -6,7 +6,8 @@ One step directory holds three Orbax items (``ocp.args.Composite``)::
              (params: ``nnx.State.to_pure_dict()`` layout, e.g. params/layers/0/mlp/down_proj/weight)
     data/    JsonSave: {"format", "processes": [data-loader state of process 0, 1, ...]}
     meta/    JsonSave: {"format", "step", "tokens_seen", "total_steps", "config" (resolved, as a dict),
-             "resumables": {name: state_dict()}, "saved_at" (unix time)}
+             "resumables": {name: state_dict()}, "permanent" (an every-N or mandatory step: kept
+             forever, whatever a resume changes), "saved_at" (unix time)}
 
 Saves are asynchronous (the train loop is blocked only to enqueue an on-device copy of the state;
 the device-to-host transfer and the file writes run in background threads) and atomic:
@@ -18,6 +19,7 @@ state there is.
 Public API::
 
     complete_steps(run_dir) -> [step, ...]            # sorted, structurally complete steps
+    CheckpointDamaged                                 # a step whose files cannot be read back
     load_params(run_dir, step=None) -> (cfg, params, step)
     CheckpointManager(run_dir, cfg)                   # the train loop's saver / restorer
 """
@@ -44,6 +46,18 @@ COMMIT_FILE = "commit_success.txt"  # written by Orbax right before the atomic r
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used; the message says which and what to do."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """The files of one step cannot be read back: a file is missing or truncated, or a JSON / OCDBT /
+    zstd decode fails (see ``damage_reason``). Only this error lets ``--resume latest`` (and
+    ``load_params(step=None)``) fall back to an older step, and only a step that raised it is moved
+    aside. Anything else (out of memory, a sharding mismatch, a transient file-system error, a bug) is
+    re-raised as it is and leaves the checkpoint alone."""
+
+    def __init__(self, step_dir: str | Path, reason: str):
+        self.step_dir, self.reason = Path(step_dir), reason
+        super().__init__(f"checkpoint {step_dir} is damaged and cannot be read ({reason})")
 
 
 # --------------------------------------------------------------------------- paths and completeness
@@ -76,6 +90,67 @@ def step_problem(step_dir: Path) -> str | None:
             except (ValueError, UnicodeDecodeError):
                 return f"{name} is truncated or corrupt (not valid JSON)"
     return None
+
+
+# What Orbax 0.12 / tensorstore 0.1 raise for damaged files (found by damaging real steps):
+#   a JSON file (state/_METADATA, state/array_metadatas/*, data/ or meta/metadata) truncated or garbled:
+#       json.JSONDecodeError;  data/ or meta/metadata deleted: FileNotFoundError
+#   state/manifest.ocdbt deleted: ValueError("NOT_FOUND: ... does not exist");  truncated or garbled:
+#       ValueError("DATA_LOSS: ... Error decoding local file ...")
+#   a b-tree file under state/d/ deleted: ValueError("NOT_FOUND: ..."); truncated: ValueError("OUT_OF_RANGE:
+#       ... Requested byte range ... is not valid ..."); garbled: ValueError("DATA_LOSS: ...") or, with no
+#       status prefix, ValueError("... Error decoding b-tree node: ZSTD_decompressStream() failed: Data
+#       corruption detected ...")
+#   an array data file under state/ocdbt.process_*/d/ deleted, emptied or zeroed: Exception("Encountered
+#       error while reading array index ...") whose context is ValueError("FAILED_PRECONDITION: ...
+#       Truncated Zstd-compressed stream" / "ZSTD_decompressStream() failed: Unknown frame descriptor")
+#       or ValueError("OUT_OF_RANGE: ... Requested byte range ... is not valid for value of size N");
+#       truncated: the same OUT_OF_RANGE.
+# (Bytes flipped inside a compressed array chunk go unnoticed: zstd frames carry no checksum here.)
+# tensorstore reports every failure as a ValueError whose message starts with the absl status code
+# (all but INVALID_ARGUMENT, which has none), so the code, and for INVALID_ARGUMENT the decoder's words,
+# are the only way to tell damage from e.g. RESOURCE_EXHAUSTED or UNAVAILABLE.
+_DAMAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE")
+_DECODE_FAILURES = ("Error decoding", "ZSTD_decompressStream() failed", "Truncated Zstd-compressed stream",
+                    "Data corruption detected")
+_OTHER_CODES = ("CANCELLED", "UNKNOWN", "DEADLINE_EXCEEDED", "ALREADY_EXISTS",
+                "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "ABORTED", "UNIMPLEMENTED", "INTERNAL",
+                "UNAVAILABLE", "UNAUTHENTICATED")
+
+
+def damage_reason(error: BaseException, step_dir: str | Path) -> str | None:
+    """Why ``error``, raised while reading ``step_dir``, shows that the step's files are damaged; None
+    when it does not (then it is someone else's problem and must not cost the checkpoint).
+
+    Looks through Orbax's generic ``Exception`` wrappers to the error they wrap, never past any other
+    type: a RuntimeError("RESOURCE_EXHAUSTED ...") stays an out-of-memory error whatever it wraps."""
+    if not Path(step_dir).is_dir():
+        return None  # the step vanished under us (moved by someone): not damage of its files
+    seen: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and all(e is not x for x in seen) and len(seen) < 8:
+        seen.append(e)
+        if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
+            return f"a JSON file is truncated or corrupt: {_first_line(e)}"
+        if isinstance(e, FileNotFoundError):
+            return f"a file is missing: {_first_line(e)}"
+        if type(e) is ValueError:
+            text = str(e)
+            code = text.split(":", 1)[0].strip()
+            if code in _OTHER_CODES:
+                return None
+            if code in _DAMAGE_CODES or any(phrase in text for phrase in _DECODE_FAILURES):
+                return _first_line(e)
+            return None
+        if type(e) is not Exception:
+            return None
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _not_damage_note(error: BaseException, step_dir: Path) -> None:
+    error.add_note(f"(raised while restoring checkpoint {step_dir}; this is not damage to its files, "
+                   "so the checkpoint was left in place: fix the cause and resume again)")
 
 
 def _step_dirs(run_dir: str | Path) -> dict[int, Path]:
@@ -218,14 +293,23 @@ def check_shapes(stored: dict, expected: dict, where: str) -> None:
 # --------------------------------------------------------------------------- what to keep
 
 class KeepPolicy:
-    """Orbax preservation policy: keep forever the ``mandatory`` steps and every multiple of ``every``;
-    of the other steps keep the newest ``keep_last``; never delete the newest step of all (so a
-    SIGTERM save with keep_last=0 still survives)."""
+    """Orbax preservation policy: keep forever the ``mandatory`` steps, every multiple of ``every`` and
+    the ``kept`` steps (those permanent under the config they were saved with, see
+    ``permanent_steps``); of the other steps keep the newest ``keep_last``; never delete the newest
+    step of all (so a SIGTERM save with keep_last=0 still survives).
 
-    def __init__(self, every: int, keep_last: int, mandatory: Sequence[int] = ()):
+    Orbax applies the policy to every step of the folder, the ones saved before a resume included; so
+    a resume that changes ``checkpoint.every`` must pass the old permanent steps as ``kept``."""
+
+    def __init__(self, every: int, keep_last: int, mandatory: Sequence[int] = (), kept: Sequence[int] = ()):
         self.every, self.keep_last, self.mandatory = every, keep_last, set(mandatory)
+        self.kept = set(kept)
 
     def is_permanent(self, step: int) -> bool:
+        return step in self.kept or self.is_save_step(step)
+
+    def is_save_step(self, step: int) -> bool:
+        """Permanent under this policy's own rule (what ``meta["permanent"]`` records)."""
         return step in self.mandatory or (self.every > 0 and step % self.every == 0)
 
     def should_preserve(self, checkpoints, *, context=None) -> list[bool]:
@@ -241,6 +325,26 @@ class KeepPolicy:
 def mandatory_steps(cfg: Config) -> list[int]:
     """Steps always saved and kept: both sides of the stage switch, and the final step."""
     return sorted({s for s in (cfg.stage_switch - 1, cfg.stage_switch, cfg.train.steps) if s > 0})
+
+
+def permanent_steps(run_dir: str | Path) -> list[int]:
+    """The steps of ``run_dir`` that were permanent (every-N or mandatory) under the config they were
+    saved with: ``meta["permanent"]``, else (steps written before that field existed) the rule of the
+    config stored in the step. A step whose meta cannot be read counts as permanent: the policy
+    never deletes what it cannot judge."""
+    out = []
+    for step, path in sorted(_step_dirs(run_dir).items()):
+        try:
+            meta = read_meta(path)
+            permanent = meta.get("permanent")
+            if permanent is None:
+                stored = config_lib.from_dict(meta["config"])
+                permanent = is_save_step(stored, step)
+        except Exception:  # damaged or from another version: keep it (fail safe: costs disk, not data)
+            permanent = True
+        if permanent:
+            out.append(step)
+    return out
 
 
 def is_save_step(cfg: Config, step: int) -> bool:
@@ -299,7 +403,10 @@ class CheckpointManager:
 
         ocp = _ocp()
         self.run_dir, self.cfg = Path(run_dir), cfg
-        self.policy = KeepPolicy(cfg.checkpoint.every, cfg.checkpoint.keep_last, mandatory_steps(cfg))
+        # Steps saved before a resume stay permanent under the rule they were saved with, even if this
+        # run's checkpoint.every differs (Orbax applies the policy to them on the first save).
+        kept = [] if read_only else permanent_steps(run_dir)
+        self.policy = KeepPolicy(cfg.checkpoint.every, cfg.checkpoint.keep_last, mandatory_steps(cfg), kept)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=self.policy,
             enable_async_checkpointing=cfg.checkpoint.async_save,
@@ -328,6 +435,7 @@ class CheckpointManager:
             "total_steps": self.cfg.train.steps,
             "config": self.cfg.to_dict(),
             "resumables": {name: obj.state_dict() for name, obj in (resumables or {}).items()},
+            "permanent": self.policy.is_save_step(int(step)),  # kept forever, whatever a resume changes
             "saved_at": time.time(),
         }
         data = {"format": FORMAT, "processes": gather_json(data_state)}  # a collective: main thread
@@ -394,17 +502,20 @@ class CheckpointManager:
                                   f"complete steps of this run: {complete_steps(self.run_dir) or 'none'}")
         target = _abstract_tree(like, shardings)
         check_shapes(_stored_state_metadata(step_dir), target, f"checkpoint {step_dir}")
+        reason = None
         try:
             out = self._mngr.restore(step, args=ocp.args.Composite(**{
                 STATE: ocp.args.StandardRestore(target),
                 DATA: ocp.args.JsonRestore(),
                 META: ocp.args.JsonRestore(),
             }))
-        except CheckpointError:
-            raise
-        except Exception as e:  # tensorstore / JSON errors from damaged files
-            raise CheckpointError(f"checkpoint {step_dir} is damaged and cannot be read "
-                                  f"({_first_line(e)}); resume another step") from None  # frees its frames
+        except Exception as e:
+            reason = damage_reason(e, step_dir)
+            if reason is None:  # out of memory, sharding, file system, a bug: unchanged, with context
+                _not_damage_note(e, step_dir)
+                raise
+        if reason is not None:  # raised outside the handler: the failed read's frames are freed
+            raise CheckpointDamaged(step_dir, reason)
         meta, data = dict(out[META]), dict(out[DATA])
         return from_tree(out[STATE], like), list(data.get("processes") or []), meta
 
@@ -427,13 +538,25 @@ def check_fits(step_dir: str | Path, cfg: Config) -> None:
 
 
 def _stored_state_metadata(step_dir: Path) -> dict:
+    """The stored state's tree of array metadata (shape, dtype), read from ``state/_METADATA`` and the
+    arrays' zarr headers inside the OCDBT database (so a damaged database shows up here already)."""
     ocp = _ocp()
+    reason = None
     try:
-        meta = ocp.StandardCheckpointer().metadata(step_dir / STATE)
+        # The handler, not StandardCheckpointer().metadata: that one logs read errors and returns None.
+        meta = ocp.StandardCheckpointHandler().metadata(step_dir / STATE)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {step_dir}: cannot read {STATE}/_METADATA ({e}); resume another step")
-    tree = getattr(meta, "item_metadata", meta)
-    return dict(getattr(tree, "tree", tree))
+        reason = damage_reason(e, step_dir)
+        if reason is None:
+            _not_damage_note(e, step_dir)
+            raise
+    if reason is not None:
+        raise CheckpointDamaged(step_dir, f"reading the metadata of {STATE}/: {reason}")
+    tree = getattr(meta, "tree", meta)
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"checkpoint {step_dir}: Orbax returned no array metadata for {STATE}/ "
+                              f"(got {type(tree).__name__}); it was not written by this version")
+    return dict(tree)
 
 
 # --------------------------------------------------------------------------- reading params only
@@ -474,46 +597,59 @@ def load_params(run_dir: str | Path, step: int | None = None):
 
     Returns ``(cfg, params, step)``; ``params`` is an ``nnx.State`` matching
     ``nnx.split(BitNetLM(cfg.model, rngs=...), nnx.Param)[1]`` with float32 host-default-device arrays.
-    ``step=None`` takes the newest complete step; when its arrays turn out to be unreadable the next
-    older one is tried, with a warning naming the damaged one. Only the params are read, not the
-    optimizer state."""
+    ``step=None`` takes the newest complete step; when its files turn out to be damaged
+    (``CheckpointDamaged``) the next older one is tried once, with a warning naming the damaged one;
+    a second damaged step raises, naming the steps to pass. Other errors (out of memory, ...) are
+    raised as they are. Only the params are read, not the optimizer state; nothing is moved."""
+    run_dir = Path(run_dir)
+    explicit = step is not None
+    s = resolve_step(run_dir, step)
+    try:
+        return _load_params_of(run_dir, s)
+    except CheckpointDamaged as e:
+        older = [t for t in complete_steps(run_dir) if t < s]
+        if explicit or not older:
+            raise
+        first = e
+    warnings.warn(f"skipping damaged checkpoint {first.step_dir} ({first.reason}); "
+                  f"trying step {older[-1]}", stacklevel=2)
+    try:
+        return _load_params_of(run_dir, older[-1])
+    except CheckpointDamaged as e:
+        raise CheckpointDamaged(e.step_dir, f"{e.reason}; the newer {first.step_dir} is damaged too. Not "
+                                "trying further steps on my own: pass the step to read explicitly (older "
+                                f"complete steps: {[t for t in older if t < older[-1]] or 'none'})") from None
+
+
+def _load_params_of(run_dir: Path, s: int):
     import jax
 
     ocp = _ocp()
-    run_dir = Path(run_dir)
-    explicit = step is not None
-    tried: list[int] = []
-    while True:
-        s = resolve_step(run_dir, step)
-        step_dir = checkpoints_dir(run_dir) / str(s)
-        cfg = read_config(step_dir)
-        like = _params_like(cfg)
-        target = _abstract_tree(like)
-        check_shapes({"params": _stored_state_metadata(step_dir)["params"]}, {"params": target},
-                     f"checkpoint {step_dir}")
-        try:
-            restored = ocp.PyTreeCheckpointer().restore(
-                step_dir / STATE,
-                args=ocp.args.PyTreeRestore(
-                    item={"params": target},
-                    restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=_default_sharding()),
-                                              {"params": target}),
-                    partial_restore=True,
-                ),
-            )
-        except Exception as e:
-            if explicit:
-                raise CheckpointError(f"checkpoint {step_dir} is damaged and cannot be read "
-                                      f"({_first_line(e)})") from None
-            warnings.warn(f"skipping damaged checkpoint {step_dir}: {_first_line(e)}", stacklevel=2)
-            tried.append(s)
-            older = [t for t in complete_steps(run_dir) if t < s]
-            if not older:
-                raise CheckpointError(f"no readable checkpoint in {checkpoints_dir(run_dir)} "
-                                      f"(damaged: {tried})") from None
-            step = older[-1]
-            continue
-        return cfg, from_tree(restored["params"], like), s
+    step_dir = checkpoints_dir(run_dir) / str(s)
+    cfg = read_config(step_dir)
+    like = _params_like(cfg)
+    target = _abstract_tree(like)
+    check_shapes({"params": _stored_state_metadata(step_dir)["params"]}, {"params": target},
+                 f"checkpoint {step_dir}")
+    reason = None
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            step_dir / STATE,
+            args=ocp.args.PyTreeRestore(
+                item={"params": target},
+                restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=_default_sharding()),
+                                          {"params": target}),
+                partial_restore=True,
+            ),
+        )
+    except Exception as e:
+        reason = damage_reason(e, step_dir)
+        if reason is None:
+            _not_damage_note(e, step_dir)
+            raise
+    if reason is not None:
+        raise CheckpointDamaged(step_dir, reason)
+    return cfg, from_tree(restored["params"], like), s
 
 
 def _first_line(e: BaseException) -> str:
@@ -527,4 +663,5 @@ def _default_sharding():
 
     from jax.sharding import SingleDeviceSharding
 
-    return SingleDeviceSharding(jax.devices()[0])
+    # local: jax.devices()[0] belongs to process 0 and is not addressable from the others
+    return SingleDeviceSharding(jax.local_devices()[0])

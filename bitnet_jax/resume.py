@@ -29,15 +29,17 @@ from pathlib import Path
 
 from bitnet_jax import checkpoint as ckpt_lib
 from bitnet_jax import config as config_lib
-from bitnet_jax.checkpoint import CheckpointError
+from bitnet_jax.checkpoint import CheckpointDamaged, CheckpointError
 from bitnet_jax.config import Config, ConfigError
 
 # Keys that do not change the math of the remaining steps: reporting, intervals, throughput knobs.
 # (eval.batches is not here: with data.eval_documents null it sets how many documents are held out
 # of training.) mesh.* and model.attention change float summation order, not the update rule: the
-# run continues correctly, but bit-for-bit equality with an uninterrupted run needs the same values.
+# run continues correctly, but bit-for-bit equality with an uninterrupted run needs the same values,
+# so changing them prints a note (RESUME_NOT_BITWISE).
 RESUME_MAY_CHANGE = ("name", "log.*", "eval.every", "checkpoint.*", "data.num_workers",
                      "data.prefetch_batches", "data.tokenize_batch", "mesh.*", "model.attention")
+RESUME_NOT_BITWISE = ("mesh.*", "model.attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +47,6 @@ class ResumeTarget:
     run_dir: Path  # the run holding the checkpoint
     step: int | None  # None: the newest complete step (damaged newer ones are skipped)
     new_run: bool  # True: start a new run from a step directory of (maybe) another run
-
-    @property
-    def description(self) -> str:
-        where = "newest complete step" if self.step is None else f"step {self.step}"
-        return f"{where} of {self.run_dir}"
 
 
 def parse_target(resume: str, runs_dir: str, run_id: str | None) -> ResumeTarget:
@@ -78,8 +75,12 @@ def parse_target(resume: str, runs_dir: str, run_id: str | None) -> ResumeTarget
                       "checkpoint directory (RUN_DIR/checkpoints/STEP)")
 
 
+def _matches(key: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
+
+
 def may_change(key: str) -> bool:
-    return any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUME_MAY_CHANGE)
+    return _matches(key, RESUME_MAY_CHANGE)
 
 
 def resolve_config(target: ResumeTarget, step_dir: Path, config_path: str | None,
@@ -91,7 +92,8 @@ def resolve_config(target: ResumeTarget, step_dir: Path, config_path: str | None
     else:
         cfg = config_lib.from_dict(config_lib.apply_overrides(stored.to_dict(), overrides))
     if not target.new_run:
-        refused = [k for k in config_lib.diff_keys(stored, cfg) if not may_change(k)]
+        changed = config_lib.diff_keys(stored, cfg)
+        refused = [k for k in changed if not may_change(k)]
         if refused:
             source = f"{config_path} and --set" if config_path else "--set"
             raise ConfigError(
@@ -99,6 +101,12 @@ def resolve_config(target: ResumeTarget, step_dir: Path, config_path: str | None
                 f"which changes the math of the remaining steps; on resume only these may change: "
                 f"{', '.join(RESUME_MAY_CHANGE)}. Omit --config to use the stored config, or start a new "
                 f"run from the checkpoint with --resume {step_dir} --run-id NEW_ID")
+        inexact = [k for k in changed if _matches(k, RESUME_NOT_BITWISE)]
+        if inexact:
+            print(f"note: {', '.join(inexact)} differ from {step_dir}; they change the order of float "
+                  "sums, so the resumed run stays exact in the math but not to the bit: its losses and "
+                  "weights will not match an uninterrupted run bit for bit (keep the stored values for "
+                  "that)", file=sys.stderr)
     return cfg
 
 
@@ -107,9 +115,10 @@ def pick_step(target: ResumeTarget) -> int:
     return ckpt_lib.resolve_step(target.run_dir, target.step)
 
 
-def check_continuable(target: ResumeTarget, step: int) -> None:
+def check_continuable(target: ResumeTarget, step: int, dry_run: bool = False) -> None:
     """A run continued in place will save steps after ``step`` again: refuse when complete newer
-    checkpoints exist (they would be overwritten), move damaged newer directories aside."""
+    checkpoints exist (they would be overwritten), move incomplete newer directories aside (with
+    ``dry_run``: only say which would be moved)."""
     if target.new_run:
         return
     newer = [s for s in ckpt_lib.complete_steps(target.run_dir) if s > step]
@@ -118,19 +127,43 @@ def check_continuable(target: ResumeTarget, step: int) -> None:
             f"step {step} is not the newest checkpoint of {target.run_dir} (newer: {newer}); continuing "
             f"from it in place would overwrite them. Branch into a new run instead: --resume "
             f"{ckpt_lib.checkpoints_dir(target.run_dir) / str(step)} --run-id NEW_ID")
-    for s, problem in ckpt_lib.incomplete_steps(target.run_dir).items():
-        if s > step:
-            move_aside(target.run_dir, s, problem)
+    # (with several processes, one listing after process 0 has moved a step sees fewer; fine: only
+    # process 0 moves, and move_aside is called on every process to meet at its barrier)
+    moves = {s: problem for s, problem in ckpt_lib.incomplete_steps(target.run_dir).items() if s > step}
+    if dry_run:
+        for s, problem in moves.items():
+            print(f"dry run: would move the incomplete checkpoint "
+                  f"{ckpt_lib.checkpoints_dir(target.run_dir) / str(s)} ({problem}) to "
+                  f"{target.run_dir / 'damaged_checkpoints'}/", file=sys.stderr)
+        return
+    move_aside(target.run_dir, moves)
 
 
-def move_aside(run_dir: Path, step: int, problem: str) -> None:
-    """Moves a damaged step directory out of Orbax's way (the continued run saves that step again)
-    into RUN_DIR/damaged_checkpoints/, keeping it for inspection."""
-    src = ckpt_lib.checkpoints_dir(run_dir) / str(step)
-    dst = run_dir / "damaged_checkpoints" / f"{step}.{int(time.time())}"
-    dst.parent.mkdir(exist_ok=True)
-    shutil.move(str(src), str(dst))
-    warnings.warn(f"moved damaged checkpoint {src} ({problem}) to {dst}", stacklevel=2)
+def move_aside(run_dir: Path, steps: dict[int, str]) -> None:
+    """Moves damaged step directories (step -> problem) out of Orbax's way (the continued run saves
+    those steps again) into RUN_DIR/damaged_checkpoints/, keeping them for inspection.
+
+    Several processes: every process calls this at the same point, and only process 0 touches the
+    folders; the others wait at a barrier until it is done, so no two processes race to move the same
+    directory and none reads checkpoints/ half-way through. The barrier is unconditional (``steps``
+    may be empty): a process that lists checkpoints/ after process 0 has moved a step sees nothing to
+    move, yet must meet it at the same barrier."""
+    import jax
+
+    several = jax.distributed.is_initialized()  # (asks without starting a backend: dry runs stay light)
+    try:
+        if steps and (not several or jax.process_index() == 0):
+            for step, problem in steps.items():
+                src = ckpt_lib.checkpoints_dir(run_dir) / str(step)
+                dst = run_dir / "damaged_checkpoints" / f"{step}.{int(time.time())}"
+                dst.parent.mkdir(exist_ok=True)
+                shutil.move(str(src), str(dst))
+                warnings.warn(f"moved damaged checkpoint {src} ({problem}) to {dst}", stacklevel=2)
+    finally:  # process 0 reaches the barrier even when a move fails (it then raises after it)
+        if several:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("bitnet_jax: damaged checkpoints moved aside")
 
 
 def check_stop_at(stop_at: int | None, cfg: Config, start_step: int = 0) -> None:
@@ -151,24 +184,70 @@ class Restored:
 
 
 def restore(target: ResumeTarget, step: int, like, shardings) -> Restored:
-    """Restores ``step`` of ``target`` into ``like``'s structure. With ``latest``, a step whose arrays
-    turn out to be unreadable is skipped (warning naming it) for the next older complete one."""
+    """Restores ``step`` of ``target`` into ``like``'s structure.
+
+    With ``latest`` (``target.step`` None), a step whose files turn out to be damaged
+    (``CheckpointDamaged``: missing, truncated, undecodable) is moved aside (warning naming it) and the
+    next older complete step is tried, once: a second damaged step raises, naming what to pass, and
+    stays where it is. Any other error (out of memory, sharding, file system) is raised as it is and
+    moves nothing. An explicit step is never replaced by another."""
+    fallback_from: CheckpointDamaged | None = None
     while True:
         step_dir = ckpt_lib.checkpoints_dir(target.run_dir) / str(step)
+        older = [s for s in ckpt_lib.complete_steps(target.run_dir) if s < step]  # before anything moves
         mngr = ckpt_lib.CheckpointManager(target.run_dir, ckpt_lib.read_config(step_dir), read_only=True)
         try:
-            state, data_states, meta = mngr.restore(step, like, shardings)
+            state, data_states, meta = _restore_on_every_process(mngr, step, like, shardings)
+        except CheckpointDamaged as e:
+            damaged = e
+        else:
             return Restored(state, this_process_data(data_states, target, step_dir), meta, step, step_dir)
-        except CheckpointError as e:
-            older = [s for s in ckpt_lib.complete_steps(target.run_dir) if s < step]
-            if target.step is not None or "damaged" not in str(e) or not older:
-                raise
-            warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
-            if not target.new_run:
-                move_aside(target.run_dir, step, "arrays unreadable")
-            step = older[-1]
         finally:
             mngr.close()
+        if fallback_from is not None:
+            raise CheckpointDamaged(damaged.step_dir, (
+                f"{damaged.reason}. It is the second damaged step in a row (the newer "
+                f"{fallback_from.step_dir} was moved to {target.run_dir / 'damaged_checkpoints'}/), so "
+                "no older step is tried without your say; nothing else was moved. To go on from an older "
+                f"step, start a new run from it: --resume {ckpt_lib.checkpoints_dir(target.run_dir)}/STEP "
+                f"--run-id NEW_ID (complete older steps: {older or 'none'}); or, if {step_dir} is beyond "
+                "repair, move it out of checkpoints/ and --resume latest again")) from None
+        if target.step is not None or not older:
+            raise damaged
+        warnings.warn(f"skipping checkpoint: {damaged}; trying step {older[-1]}", stacklevel=2)
+        if not target.new_run:
+            move_aside(target.run_dir, {step: damaged.reason})
+        fallback_from, step = damaged, older[-1]
+
+
+def _restore_on_every_process(mngr, step: int, like, shardings):
+    """``mngr.restore`` with the processes agreeing on the outcome: a step damaged for one process
+    (each reads only the array chunks it holds) is damaged for all, so they all fall back to the
+    same step; an error on one makes the others stop too instead of training on alone."""
+    import jax
+
+    if jax.process_count() == 1:
+        return mngr.restore(step, like, shardings)
+    outcome, error, result = "ok", None, None
+    try:
+        result = mngr.restore(step, like, shardings)
+    except CheckpointDamaged as e:
+        outcome, error = "damaged", e
+    except Exception as e:  # re-raised below, after the others have heard of it
+        outcome, error = "error", e
+    # A collective: every process gets here. (An error raised on one process before Orbax's own
+    # collectives inside restore leaves the others at those instead; gloo then aborts them all: the run
+    # still stops, just less tidily.)
+    outcomes = ckpt_lib.gather_json(outcome)
+    if error is not None and (outcome == "error" or "error" not in outcomes):
+        raise error
+    if "error" in outcomes:
+        raise CheckpointError(f"process {outcomes.index('error')} failed to restore step {step} (see its "
+                              "output); this process stops with it")
+    if "damaged" in outcomes:
+        raise error or CheckpointDamaged(ckpt_lib.checkpoints_dir(mngr.run_dir) / str(step),
+                                         f"process {outcomes.index('damaged')} could not read its part")
+    return result
 
 
 def this_process_data(data_states: list, target: ResumeTarget, step_dir: Path) -> dict | None:
@@ -197,9 +276,10 @@ class ResumePlan:
 
 
 def plan(resume: str, runs_dir: str, run_id: str | None, config_path: str | None,
-         overrides: list[str], stop_at: int | None) -> tuple[Config, ResumePlan]:
+         overrides: list[str], stop_at: int | None, dry_run: bool = False) -> tuple[Config, ResumePlan]:
     """Resolves ``--resume`` and the config it runs with (see the module docstring); raises
-    ConfigError with what to pass instead when anything does not fit."""
+    ConfigError with what to pass instead when anything does not fit. ``dry_run``: changes nothing on
+    disk (incomplete newer step directories are only named, not moved aside)."""
     target = parse_target(resume, runs_dir, run_id)
     step = pick_step(target)
     step_dir = ckpt_lib.checkpoints_dir(target.run_dir) / str(step)
@@ -210,7 +290,7 @@ def plan(resume: str, runs_dir: str, run_id: str | None, config_path: str | None
                           f"--resume {step_dir} --run-id NEW_ID --set train.steps=N")
     check_stop_at(stop_at, cfg, step)
     ckpt_lib.check_fits(step_dir, cfg)
-    check_continuable(target, step)
+    check_continuable(target, step, dry_run=dry_run)
     return cfg, ResumePlan(target, step, step_dir)
 
 
@@ -260,7 +340,10 @@ def resume_command(run_dir: Path) -> str:
 
 class StopRequest:
     """SIGTERM / SIGINT set a flag that the train loop checks between steps (the handler never saves:
-    the loop saves the current step, waits for it, and exits 0). A second SIGINT aborts at once."""
+    the loop saves the current step, waits for it, and exits 0). A second SIGINT raises
+    KeyboardInterrupt: the loop stops where it is without saving the current step, but it does not
+    end at once: the loop's cleanup (``CheckpointManager.close``) still waits for saves already
+    started, so none is left half-written, before the KeyboardInterrupt ends the run."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -279,7 +362,7 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now (started saves are still waited for)
         if not self.requested:
             self.signal_name = signal.Signals(signum).name
             self.received_at = time.perf_counter()

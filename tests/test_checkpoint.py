@@ -3,6 +3,7 @@ recipe, and the resume rules of the CLI (those that need no training)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -111,6 +112,9 @@ def test_policy_keeps_mandatory_every_and_newest_others():
     # keep_last=0 still never deletes the newest step (a SIGTERM save must survive)
     policy0 = ck.KeepPolicy(every=5, keep_last=0, mandatory=[])
     assert policy0.should_preserve([Info(4), Info(5), Info(7)]) == [False, True, True]
+    # steps permanent under an earlier config (kept) stay, whatever the current every says
+    policy_kept = ck.KeepPolicy(every=5, keep_last=0, mandatory=[], kept=[2, 4])
+    assert policy_kept.should_preserve([Info(s) for s in (2, 3, 4, 5, 7)]) == [True, False, True, True, True]
 
 
 def test_orbax_deletes_what_the_policy_drops(tmp_path, placed):
@@ -121,6 +125,40 @@ def test_orbax_deletes_what_the_policy_drops(tmp_path, placed):
     assert ck.complete_steps(tmp_path) == [5, 7, 8, 9, 10, 11, 12]
     assert ck.mandatory_steps(cfg) == [7, 8, 12]
     assert [s for s in range(1, 13) if ck.is_save_step(cfg, s)] == [5, 7, 8, 10, 12]
+
+
+def resave_with(run_dir, cfg, state, steps):
+    """What a run resumed in place with ``cfg`` does: a new writer on the same folder saves ``steps``."""
+    save_steps(run_dir, cfg, state, steps)
+    return ck.complete_steps(run_dir)
+
+
+def test_resume_with_another_every_keeps_the_old_permanent_steps(tmp_path, placed):
+    _, _, state, _ = placed
+    every2 = tiny_cfg(train={"steps": 100}, checkpoint={"every": 2, "keep_last": 1, "async_save": False})
+    save_steps(tmp_path, every2, state, [2, 4, 6, 7])
+    assert ck.complete_steps(tmp_path) == [2, 4, 6, 7]
+    assert [ck.read_meta(tmp_path / "checkpoints" / str(s))["permanent"] for s in (2, 4, 6, 7)] == [
+        True, True, True, False]
+    every5 = tiny_cfg(train={"steps": 100}, checkpoint={"every": 5, "keep_last": 1, "async_save": False})
+    # 2, 4, 6 were every-N steps when saved: still kept; 7 is the newest other step; 10 every-N now
+    assert resave_with(tmp_path, every5, state, [10]) == [2, 4, 6, 7, 10]
+    # the next saves drop only the steps that were never permanent (7, then 11)
+    assert resave_with(tmp_path, every5, state, [11, 12]) == [2, 4, 6, 10, 12]
+
+
+def test_steps_saved_without_the_permanent_flag_use_their_stored_config(tmp_path, placed):
+    _, _, state, _ = placed
+    every2 = tiny_cfg(train={"steps": 100}, checkpoint={"every": 2, "keep_last": 1, "async_save": False})
+    save_steps(tmp_path, every2, state, [2, 3, 4])
+    for s in (2, 3, 4):  # as written before meta["permanent"] existed
+        path = tmp_path / "checkpoints" / str(s) / "meta" / "metadata"
+        meta = json.loads(path.read_text())
+        del meta["permanent"]
+        path.write_text(json.dumps(meta))
+    assert ck.permanent_steps(tmp_path) == [2, 4]
+    every5 = tiny_cfg(train={"steps": 100}, checkpoint={"every": 5, "keep_last": 0, "async_save": False})
+    assert resave_with(tmp_path, every5, state, [6]) == [2, 4, 6]
 
 
 def damage(step_dir: Path, how: str) -> None:
@@ -137,6 +175,27 @@ def damage(step_dir: Path, how: str) -> None:
         data = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
                    key=lambda p: p.stat().st_size)
         data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif how == "array_deleted":  # an array data file of the OCDBT database
+        for p in (step_dir / "state").glob("ocdbt.process_*/d/*"):
+            p.unlink()
+    elif how == "manifest_garbled":
+        garble(step_dir / "state" / "manifest.ocdbt", 8)
+    elif how == "btree_garbled":  # the b-tree nodes (tensorstore: INVALID_ARGUMENT, no status prefix)
+        for p in (step_dir / "state" / "d").iterdir():
+            garble(p, 64, at=0.1)
+    elif how == "array_metadatas_garbled":
+        for p in (step_dir / "state" / "array_metadatas").iterdir():
+            p.write_text("{not json")
+    else:
+        raise ValueError(how)
+
+
+def garble(path: Path, n: int, at: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * at)
+    for i in range(start, min(len(data), start + n)):
+        data[i] ^= 0xA5
+    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("how", ["unfinished", "no_commit", "meta_missing", "meta_truncated"])
@@ -162,6 +221,135 @@ def test_latest_skips_a_step_whose_array_file_is_truncated(tmp_path, placed):
         assert ck.load_params(tmp_path)[2] == 5
     with pytest.raises(ck.CheckpointError, match=r"checkpoints/10 is damaged"):
         ck.load_params(tmp_path, 10)
+
+
+@pytest.mark.parametrize("how", ["array_truncated", "array_deleted", "manifest_garbled", "btree_garbled",
+                                 "array_metadatas_garbled"])
+def test_damage_that_only_reading_finds_raises_checkpoint_damaged(tmp_path, placed, how):
+    cfg, _, state, shardings = placed
+    save_steps(tmp_path, cfg, state, [5])
+    damage(tmp_path / "checkpoints" / "5", how)
+    assert ck.step_problem(tmp_path / "checkpoints" / "5") is None  # structurally complete
+    _, abstract = train_state.abstract_state(cfg)
+    mngr = ck.CheckpointManager(tmp_path, cfg, read_only=True)
+    with pytest.raises(ck.CheckpointDamaged, match=r"checkpoints/5 is damaged"):
+        mngr.restore(5, abstract, shardings)
+    mngr.close()
+
+
+def test_damage_reason_tells_damage_from_other_errors(tmp_path):
+    def wrapped(inner, outer=Exception):  # how Orbax wraps an array read error
+        try:
+            try:
+                raise inner
+            except BaseException:
+                raise outer("Encountered error while reading array index")
+        except BaseException as e:
+            return e
+
+    damaged = [ValueError("DATA_LOSS: Error decoding local file"), ValueError("NOT_FOUND: ... does not exist"),
+               ValueError("OUT_OF_RANGE: Requested byte range [1, 9) is not valid for value of size 4"),
+               ValueError("Error reading \"x/.zarray\": Error decoding b-tree node: ZSTD_decompressStream() "
+                          "failed: Data corruption detected"),
+               json.JSONDecodeError("Expecting value", "", 0), FileNotFoundError("meta/metadata not found"),
+               wrapped(ValueError("FAILED_PRECONDITION: Truncated Zstd-compressed stream; at byte 0"))]
+    healthy = [RuntimeError("RESOURCE_EXHAUSTED: Out of memory"), ValueError("RESOURCE_EXHAUSTED: cache"),
+               ValueError("UNAVAILABLE: try again"), ValueError("PERMISSION_DENIED: Error decoding"),
+               ValueError("sharding mismatch"), PermissionError("denied"), MemoryError(), KeyError("x"),
+               wrapped(ValueError("DATA_LOSS: x"), outer=RuntimeError)]
+    assert all(ck.damage_reason(e, tmp_path) for e in damaged)
+    assert not any(ck.damage_reason(e, tmp_path) for e in healthy)
+    # a step that is gone altogether was moved, not damaged
+    assert ck.damage_reason(damaged[0], tmp_path / "gone") is None
+
+
+def fail_restore(monkeypatch, first_only=False):
+    """Makes Orbax's restore raise an out-of-memory error (always, or only on the first call)."""
+    import orbax.checkpoint as ocp
+
+    calls = []
+    orig = ocp.CheckpointManager.restore
+
+    def restore(self, *args, **kwargs):
+        calls.append(1)
+        if not first_only or len(calls) == 1:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB")
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+    return calls
+
+
+@pytest.mark.parametrize("first_only", [True, False])
+def test_an_error_that_is_not_damage_surfaces_and_moves_nothing(tmp_path, placed, monkeypatch, first_only):
+    cfg, _, state, shardings = placed
+    save_steps(tmp_path, cfg, state, [5, 10])
+    calls = fail_restore(monkeypatch, first_only)
+    target = resume_lib.ResumeTarget(tmp_path, None, new_run=False)
+    _, abstract = train_state.abstract_state(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED") as info:
+            resume_lib.restore(target, 10, abstract, shardings)
+    assert not isinstance(info.value, ck.CheckpointError)
+    assert any("checkpoints/10" in note and "left in place" in note for note in info.value.__notes__)
+    assert len(calls) == 1  # no fallback to an older step
+    assert ck.complete_steps(tmp_path) == [5, 10]
+    assert not (tmp_path / "damaged_checkpoints").exists()
+    assert not [w for w in caught if "skipping" in str(w.message) or "moved" in str(w.message)]
+
+
+def test_load_params_surfaces_an_error_that_is_not_damage(tmp_path, placed, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    cfg, _, state, _ = placed
+    save_steps(tmp_path, cfg, state, [5, 10])
+
+    def restore(self, *args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory")
+
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", restore)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipping" warning: nothing falls back
+        with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+            ck.load_params(tmp_path)
+
+
+def test_resume_falls_back_at_most_one_damaged_step(tmp_path, placed):
+    cfg, _, state, shardings = placed
+    save_steps(tmp_path, cfg, state, [5, 10, 15])
+    damage(tmp_path / "checkpoints" / "15", "array_truncated")
+    damage(tmp_path / "checkpoints" / "10", "array_truncated")
+    target = resume_lib.ResumeTarget(tmp_path, None, new_run=False)
+    _, abstract = train_state.abstract_state(cfg)
+    with pytest.warns(UserWarning, match=r"checkpoints/15"):
+        with pytest.raises(ck.CheckpointDamaged, match=r"checkpoints/10 is damaged.*second damaged step.*"
+                                                       r"--resume .*checkpoints/STEP --run-id NEW_ID.*\[5\]"):
+            resume_lib.restore(target, 15, abstract, shardings)
+    # only the first damaged step was moved; 10 stays for the user to judge; 5 untouched
+    assert ck.complete_steps(tmp_path) == [5, 10]
+    assert [p.name.split(".")[0] for p in (tmp_path / "damaged_checkpoints").iterdir()] == ["15"]
+
+    # load_params (read-only) gives up after one fallback too, and moves nothing
+    other = tmp_path / "other"
+    save_steps(other, cfg, state, [5, 10, 15])
+    damage(other / "checkpoints" / "15", "array_truncated")
+    damage(other / "checkpoints" / "10", "array_truncated")
+    with pytest.warns(UserWarning, match=r"checkpoints/15"):
+        with pytest.raises(ck.CheckpointDamaged, match=r"checkpoints/10 is damaged.*checkpoints/15 is damaged "
+                                                       r"too.*older complete steps: \[5\]"):
+            ck.load_params(other)
+    assert ck.complete_steps(other) == [5, 10, 15]
+
+
+def test_an_explicit_damaged_step_is_never_replaced(tmp_path, placed):
+    cfg, _, state, shardings = placed
+    save_steps(tmp_path, cfg, state, [5, 10])
+    damage(tmp_path / "checkpoints" / "10", "array_truncated")
+    _, abstract = train_state.abstract_state(cfg)
+    with pytest.raises(ck.CheckpointDamaged, match=r"checkpoints/10 is damaged"):
+        resume_lib.restore(resume_lib.ResumeTarget(tmp_path, 10, new_run=False), 10, abstract, shardings)
+    assert ck.complete_steps(tmp_path) == [5, 10] and not (tmp_path / "damaged_checkpoints").exists()
 
 
 def test_resume_of_a_truncated_latest_falls_back_and_moves_it_aside(tmp_path, placed):
@@ -262,6 +450,61 @@ def test_new_run_from_a_checkpoint_of_another_shape_is_refused_before_writing(tm
                                                  r"checkpoint but \(300, 64\)"):
         resume_lib.plan(str(step_dir), str(tmp_path / "runs"), "r2", None, ["model.hidden_size=64"], None)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r1"]
+
+
+def test_changing_mesh_on_resume_notes_that_it_is_not_bit_for_bit(tmp_path, placed, capsys):
+    cfg, _, state, _ = placed
+    save_steps(tmp_path, cfg, state, [5])
+    target = resume_lib.ResumeTarget(tmp_path, None, False)
+    step_dir = tmp_path / "checkpoints" / "5"
+    resume_lib.resolve_config(target, step_dir, None, ["eval.every=3"])
+    assert "not to the bit" not in capsys.readouterr().err
+    resume_lib.resolve_config(target, step_dir, None, ["mesh.fsdp=2", "model.attention=xla", "eval.every=3"])
+    err = capsys.readouterr().err
+    assert "model.attention, mesh.fsdp differ" in err and "exact in the math but not to the bit" in err
+
+
+def incomplete_newer_step(tmp_path, cfg, state):
+    save_steps(tmp_path, cfg, state, [5, 10])
+    (tmp_path / "checkpoints" / "10" / ck.COMMIT_FILE).unlink()  # a save that never finished
+
+
+def test_dry_run_names_incomplete_steps_without_moving_them(tmp_path, placed, capsys):
+    from bitnet_jax.train import main
+
+    cfg, _, state, _ = placed
+    incomplete_newer_step(tmp_path, cfg, state)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert main(["--resume", str(tmp_path), "--dry-run"]) == 0
+    assert re.search(r"would move the incomplete checkpoint .*checkpoints/10 \(no commit_success",
+                     capsys.readouterr().err)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    # the real plan moves it
+    with pytest.warns(UserWarning, match=r"moved damaged checkpoint .*checkpoints/10"):
+        resume_lib.plan(str(tmp_path), str(tmp_path.parent), None, None, [], None)
+    assert not (tmp_path / "checkpoints" / "10").exists()
+    assert [p.name.split(".")[0] for p in (tmp_path / "damaged_checkpoints").iterdir()] == ["10"]
+
+
+def test_only_process_0_moves_damaged_steps(tmp_path, placed, monkeypatch):
+    """Process 1 of a multi-process run (faked): decides the same step, moves nothing, meets process 0
+    at the barrier. (tests/test_resume.py runs two real processes.)"""
+    from jax.experimental import multihost_utils
+
+    cfg, _, state, _ = placed
+    incomplete_newer_step(tmp_path, cfg, state)
+    barriers = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", barriers.append)
+    cfg2, plan = resume_lib.plan(str(tmp_path), str(tmp_path.parent), None, None, [], None)
+    assert plan.step == 5  # the same decision as process 0 makes
+    assert (tmp_path / "checkpoints" / "10").is_dir() and not (tmp_path / "damaged_checkpoints").exists()
+    assert len(barriers) == 1
+    # nothing to move (process 0 was faster): still at the barrier
+    (tmp_path / "checkpoints" / "10").rename(tmp_path / "elsewhere")
+    resume_lib.plan(str(tmp_path), str(tmp_path.parent), None, None, [], None)
+    assert len(barriers) == 2
 
 
 def test_resume_from_an_older_step_in_place_is_refused(tmp_path, placed):

@@ -4,8 +4,12 @@ Every run is a real subprocess of train.py on a tiny model. The reference is one
 100-step run; the others must match its loss at every resumed step and its final parameters exactly.
 Kills are triggered by watching the run directory (Orbax's tmp folder of a save appearing, or a
 finished step folder appearing), never by sleeping.
+
+Two processes (jax.distributed on localhost) resuming a run with a damaged step agree on the step to
+restore, and only process 0 moves directories aside.
 """
 
+import json
 import os
 import random
 import re
@@ -190,3 +194,104 @@ def test_kill_9_at_random_moments_then_resume_latest_finishes_exactly(tmp_path, 
     assert f"resuming from {ckpt_dir / str(last_complete)}" in out.stderr
     assert not any(".orbax-checkpoint-tmp" in p.name for p in ckpt_dir.iterdir())
     assert_same_params(final_params(run_dir), ref_params)
+
+
+# --------------------------------------------------------------------------- two processes, one damaged step
+
+TWO_PROCESS_WORKER = r'''
+import json, shutil, sys, warnings
+from pathlib import Path
+run_dir, port, pid, scenario = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+from bitnet_jax import distributed
+distributed.initialize(distributed.resolve(f"localhost:{port}", 2, pid))
+from jax.experimental import multihost_utils
+from bitnet_jax import checkpoint as ck, config as config_lib, resume as R, sharding, train_state
+cfg = config_lib.from_dict({
+    "model": {"vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "intermediate_size": 128, "max_position_embeddings": 32},
+    "train": {"steps": 10, "batch_size": 8, "seq_len": 32}, "optim": {"warmup_steps": 2},
+    "tokenizer": {"builtin_vocab_size": 300}, "checkpoint": {"every": 3, "keep_last": 2, "async_save": False}})
+mesh = sharding.make_mesh(cfg.mesh)
+_, state = train_state.init_state(cfg)
+state, shardings = train_state.place_state(state, mesh)
+mngr = ck.CheckpointManager(run_dir, cfg)
+for s in (3, 6):
+    mngr.save(s, state, data_state={"process": pid, "step": s})
+mngr.close()
+multihost_utils.sync_global_devices("saved")
+if pid == 0:  # an unfinished save at 9, and step 6 with truncated array files
+    shutil.copytree(run_dir / "checkpoints" / "6", run_dir / "checkpoints" / "9")
+    (run_dir / "checkpoints" / "9" / ck.COMMIT_FILE).unlink()
+    if scenario == "damaged":
+        for p in (run_dir / "checkpoints" / "6").glob("state/ocdbt.process_*/d/*"):
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+multihost_utils.sync_global_devices("damaged")
+if scenario == "error" and pid == 1:  # out of memory on process 1 only, after Orbax's own collectives
+    import orbax.checkpoint as ocp
+    original = ocp.CheckpointManager.restore
+    def restore(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory on process 1")
+    ocp.CheckpointManager.restore = restore
+out = {"pid": pid}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+        cfg2, plan = R.plan(str(run_dir), str(run_dir.parent), None, None, [], None)
+        _, abstract = train_state.abstract_state(cfg2)
+        restored = R.restore(plan.target, plan.step, abstract, sharding.state_shardings(abstract, mesh))
+        out.update(step=restored.step, data_state=restored.data_state)
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+out["moved_warnings"] = sum("moved damaged" in str(w.message) for w in caught)
+print("RESULT " + json.dumps(out), flush=True)
+'''
+
+
+def _two_processes(tmp_path: Path, scenario: str) -> list[dict]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    worker = tmp_path / "worker.py"
+    worker.write_text(TWO_PROCESS_WORKER)
+    envs = {**env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        envs.pop(key, None)
+    logs = [open(tmp_path / f"log{i}", "w+") for i in range(2)]  # files: a full pipe would block one
+    procs = [subprocess.Popen([sys.executable, str(worker), str(tmp_path / "run"), str(port), str(i), scenario],
+                              env=envs, cwd=REPO, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    out = []
+    for log in logs:
+        log.seek(0)
+        text = log.read()
+        log.close()
+        m = re.search(r"^RESULT (.*)$", text, re.M)
+        assert m, text[-3000:]
+        out.append(json.loads(m.group(1)))
+    return out
+
+
+def test_two_processes_agree_on_a_damaged_step_and_only_process_0_moves(tmp_path):
+    p0, p1 = _two_processes(tmp_path, "damaged")
+    # both fall back to the same step, each with its own loader state; only process 0 moved anything
+    assert (p0["step"], p1["step"]) == (3, 3)
+    assert (p0["data_state"], p1["data_state"]) == ({"process": 0, "step": 3}, {"process": 1, "step": 3})
+    assert (p0["moved_warnings"], p1["moved_warnings"]) == (2, 0)  # the unfinished 9, the damaged 6
+    assert complete_steps(tmp_path / "run") == [3]
+    assert sorted(p.name.split(".")[0] for p in (tmp_path / "run" / "damaged_checkpoints").iterdir()) == ["6", "9"]
+
+
+def test_an_error_on_one_process_stops_both_and_moves_nothing_healthy(tmp_path):
+    p0, p1 = _two_processes(tmp_path, "error")
+    assert p1["error"].startswith("RuntimeError: RESOURCE_EXHAUSTED")
+    assert p0["error"].startswith("CheckpointError: process 1 failed to restore step 6")
+    assert complete_steps(tmp_path / "run") == [3, 6]  # only the unfinished 9 was moved aside
