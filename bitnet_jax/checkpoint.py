@@ -470,6 +470,20 @@ class CheckpointManager:
         if pending is not None:
             pending.result()
 
+    def check_background_errors(self, step: int) -> None:
+        """Raises, without waiting, the error of a background save that has already failed (a full
+        disk, a lost mount): checked every step, so the run stops at once, not at the next save
+        minutes later; an exception in flight would otherwise also cost the save on SIGTERM."""
+        try:
+            if self._pending is not None and self._pending.done():
+                self._finish_pending()
+            self._mngr.check_for_errors()
+        except Exception as e:
+            raise CheckpointError(
+                f"saving a checkpoint failed in the background ({type(e).__name__}: {_first_line(e)}); the run "
+                f"stops at step {step}. Complete checkpoints: {complete_steps(self.run_dir) or 'none'}; fix the "
+                f"cause (disk space, permissions) and resume") from e
+
     def wait(self) -> None:
         """Blocks until every started save is complete on disk."""
         self._finish_pending()

@@ -249,6 +249,7 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
             state, step_metrics = train_step(state, batch)
             step += 1
             metrics.push(step, step_metrics)
+            ckpt.check_background_errors(step)  # host-side: never waits for the device or the disk
             if any(h.due(step, total) for h in hooks):
                 metrics.flush()  # hooks read the latest values; the device syncs here anyway
                 mark = metrics.pause_clock()

@@ -531,3 +531,23 @@ def test_stop_at_outside_the_run_is_refused():
     cfg = tiny_cfg()
     with pytest.raises(config_lib.ConfigError, match=r"--stop-at 30 must lie in \(0, 20\]"):
         resume_lib.check_stop_at(30, cfg)
+
+
+def test_a_failed_background_save_stops_the_run_at_the_next_step(tmp_path, placed, monkeypatch):
+    cfg, _, state, _ = placed
+    mngr = ck.CheckpointManager(tmp_path, cfg)
+    mngr.save(5, state, data_state={"pos": 5})
+    mngr.wait()
+    mngr.check_background_errors(6)  # a save that went well: nothing to report
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mngr._mngr, "save", disk_full)
+    mngr.save(10, state, data_state={"pos": 10})
+    mngr._pending.exception()  # wait for the background call to end (it failed)
+    with pytest.raises(ck.CheckpointError, match=r"No space left on device.*stops at step 11\. "
+                                                  r"Complete checkpoints: \[5\]"):
+        mngr.check_background_errors(11)
+    mngr.close()
+    assert ck.complete_steps(tmp_path) == [5]
