@@ -5,11 +5,18 @@ Events (the ``<event>`` of the TensorBoard text tag ``anomaly/<event>`` and of t
 
 - ``nonfinite``: the loss or the gradient norm was NaN/inf. The train step already dropped the
   update; with ``train.on_nan: halt`` the run also stops (``halt_reason`` is set).
-- ``loss_spike`` / ``grad_norm_spike``: the value lies ``log.spike_zscore`` standard deviations above
-  the mean of the previous ``log.spike_window`` finite values.
+- ``loss_spike`` / ``grad_norm_spike``: the value is both far above the recent run by robust
+  statistics (``log(value)`` more than ``log.spike_zscore`` robust standard deviations, 1.4826 x the
+  median absolute deviation, above the median of the previous ``log.spike_window`` accepted values)
+  and a large multiple of that median (``GRAD_NORM_MIN_RATIO`` 3x, ``LOSS_MIN_RATIO`` 1.5x). Not
+  judged during the first ``optim.warmup_steps`` steps (their values still fill the history). See
+  ``RollingSpike``.
 - ``entropy_collapse`` / ``repetition``: a ``typical`` sample whose mean next-token entropy is below
   ``log.entropy_floor`` nats, or whose share of repeated 4-grams is above ``log.repetition_max``
   (greedy output of a young model loops by nature, so only the sampled mode is judged).
+
+Each event kind writes at most ``log.anomaly_dumps_max`` dump folders (later ones go to TensorBoard
+only), so no run of spikes can leave a later non-finite step without its dump.
 
 Everything runs on values the trainer already has on the host (``StepMetrics`` fetched them one
 step behind): the detector never touches the device. To dump the batch of a step that is judged one
@@ -35,21 +42,67 @@ MIN_SAMPLE_TOKENS = 16  # shorter samples say too little about repetition
 MIN_ENTROPY_TOKENS = 8  # ... or about entropy (a sample that hits EOS at once has no entropy at all)
 
 
-class RollingZScore:
-    """z-score of a value against the previous ``window`` values (None until enough history)."""
+# A spike needs both a robust z-score above log.spike_zscore and a value this many times the rolling
+# median. The z-score alone fires on healthy runs: gradient norms are heavy-tailed (steps at ~2x the
+# median are routine), and on a quiet stretch the spread is so small that any bump is "6 sigma".
+# - grad norm: 3x. Healthy bumps stay near 2x; the blow-ups that precede divergence (and that
+#   clipping hides from the loss) are 10x and more.
+# - loss: 1.5x. The loss (nats) moves far less than the grad norm: batch-to-batch noise is a few
+#   percent (~10% on a small batch with an odd document), so 1.5x the median (e.g. 3.0 -> 4.5) means
+#   the model lost much of what it learned, which is what a loss spike is.
+GRAD_NORM_MIN_RATIO = 3.0
+LOSS_MIN_RATIO = 1.5
+MAD_TO_SIGMA = 1.4826  # the MAD of a normal distribution is 0.6745 sigma
+MIN_LOG_SIGMA = 1e-3  # floor of the robust spread of log(value): a flat history is not infinitely tight
 
-    def __init__(self, window: int):
+
+class RollingSpike:
+    """Upward spikes of a positive series against the previous ``window`` accepted values, by robust
+    statistics of ``log(value)``: median and MAD, so heavy tails and earlier spikes barely move them.
+
+    A value is a spike when ``z = (log x - median) / (1.4826 MAD)`` exceeds ``zscore`` AND
+    ``x >= min_ratio * exp(median)``. Values judged spikes are not added to the window (a spike must
+    not raise the bar for the next one); they are held aside instead, and if ``min_history`` of them
+    come in a row the level has shifted for good: they become the window and judging goes on from the
+    new level (otherwise every later step would be an event). A value that is not a spike is added
+    and ends such a run.
+    """
+
+    def __init__(self, window: int, zscore: float, min_ratio: float):
         self.values: collections.deque[float] = collections.deque(maxlen=window)
         self.min_history = min(window, max(5, window // 5))
+        self.zscore = zscore
+        self.min_ratio = min_ratio
+        self.pending: list[float] = []  # consecutive spikes, not in the window
 
-    def score(self, x: float) -> float | None:
+    def score(self, x: float) -> tuple[float, float, float] | None:
+        """``(z, ratio, median)`` of ``x`` against the window (None until ``min_history`` values):
+        the robust z-score of ``log x``, ``x / median`` and the window's median."""
         if len(self.values) < self.min_history:
             return None
-        arr = np.asarray(self.values, np.float64)
-        mean = float(arr.mean())
-        # Floor the spread: a flat history would otherwise make any wiggle an infinite z.
-        std = max(float(arr.std()), 1e-3 * abs(mean), 1e-12)
-        return (x - mean) / std
+        logs = np.log(np.maximum(np.asarray(self.values, np.float64), 1e-30))
+        centre = float(np.median(logs))
+        sigma = max(MAD_TO_SIGMA * float(np.median(np.abs(logs - centre))), MIN_LOG_SIGMA)
+        z = (math.log(max(x, 1e-30)) - centre) / sigma
+        median = math.exp(centre)
+        return z, x / median, median
+
+    def is_spike(self, score: tuple[float, float, float] | None) -> bool:
+        return score is not None and score[0] > self.zscore and score[1] >= self.min_ratio
+
+    def judge(self, x: float) -> tuple[float, float, float] | None:
+        """Scores ``x``, updates the window, and returns the score if ``x`` is a spike, else None."""
+        score = self.score(x)
+        if not self.is_spike(score):
+            self.pending.clear()
+            self.add(x)
+            return None
+        self.pending.append(float(x))
+        if len(self.pending) >= self.min_history:  # a lasting new level, not a spike: start over from it
+            self.values.clear()
+            self.values.extend(self.pending)
+            self.pending.clear()
+        return score
 
     def add(self, x: float) -> None:
         self.values.append(float(x))
@@ -106,10 +159,13 @@ class AnomalyDetector:
         self.tb = tb
         self.tokenizer = tokenizer
         self.write = write
-        self.loss = RollingZScore(log.spike_window)
-        self.grad_norm = RollingZScore(log.spike_window)
+        self.warmup_steps = cfg.optim.warmup_steps
+        self.loss = RollingSpike(log.spike_window, log.spike_zscore, LOSS_MIN_RATIO)
+        self.grad_norm = RollingSpike(log.spike_window, log.spike_zscore, GRAD_NORM_MIN_RATIO)
         self.count = 0
-        self.dumps = 0
+        # Dump folders written, per event kind: each kind has its own log.anomaly_dumps_max, so a run
+        # of spikes cannot use up the dumps of a later non-finite step.
+        self.dumps: dict[str, int] = {}
         self.last_good_step: int | None = None
         self.halt_reason: str | None = None
         self._batches: collections.deque[tuple[int, np.ndarray]] = collections.deque(maxlen=2)
@@ -130,13 +186,17 @@ class AnomalyDetector:
                 self.halt_reason = f"step {step}: {message}"
             return
         for event, series, value in (("loss_spike", self.loss, loss), ("grad_norm_spike", self.grad_norm, grad_norm)):
-            z = series.score(value)
-            if z is not None and z > self.log.spike_zscore:
+            if step <= self.warmup_steps:  # warm-up: the series is still settling; history only
+                series.add(value)
+                continue
+            n = len(series.values)
+            score = series.judge(value)
+            if score is not None:
+                z, ratio, median = score
                 name = event.removesuffix("_spike")
-                mean = float(np.mean(series.values))
-                self.report(step, event, f"{name} {value:.4g} is {z:.1f} standard deviations above the "
-                            f"mean {mean:.4g} of the previous {len(series.values)} steps", host)
-            series.add(value)
+                self.report(step, event, f"{name} {value:.4g} is {ratio:.1f}x the median {median:.4g} of the "
+                            f"previous {n} steps ({z:.1f} robust standard deviations of log({name}) above it)",
+                            host)
         self.last_good_step = step
 
     def check_samples(self, step: int, samples: Sequence[dict[str, Any]]) -> None:
@@ -162,15 +222,16 @@ class AnomalyDetector:
     def report(self, step: int, event: str, message: str, metrics: dict[str, float] | None = None,
                samples: Sequence[dict[str, Any]] | None = None) -> Path | None:
         """Records one event: TB text ``anomaly/<event>``, scalar ``anomaly/count``, and (up to
-        ``log.anomaly_dumps_max`` of them) a dump folder, whose path it returns."""
+        ``log.anomaly_dumps_max`` of each event kind) a dump folder, whose path it returns."""
         self.count += 1
         if not self.write:
             return None
         dump = None
-        if self.dumps < self.log.anomaly_dumps_max:
+        if self.dumps.get(event, 0) < self.log.anomaly_dumps_max:
             dump = self._dump(step, event, message, metrics, samples)
-            self.dumps += 1
-        where = f" Dump: anomalies/{dump.name}/" if dump else " (no dump: log.anomaly_dumps_max reached)"
+            self.dumps[event] = self.dumps.get(event, 0) + 1
+        where = (f" Dump: anomalies/{dump.name}/" if dump else
+                 f" (no dump: log.anomaly_dumps_max={self.log.anomaly_dumps_max} {event} dumps reached)")
         last_good = "none yet" if self.last_good_step is None else f"step {self.last_good_step}"
         self.tb.text(step, f"anomaly/{event}", f"step {step}: {message}. Last good step: {last_good}.{where}")
         self.tb.scalars(step, {"anomaly/count": self.count})
@@ -207,15 +268,22 @@ class AnomalyDetector:
     def state_dict(self) -> dict[str, Any]:
         return {
             "loss_window": list(self.loss.values), "grad_norm_window": list(self.grad_norm.values),
-            "count": self.count, "dumps": self.dumps, "last_good_step": self.last_good_step,
+            "loss_pending": list(self.loss.pending), "grad_norm_pending": list(self.grad_norm.pending),
+            "count": self.count, "dumps": sum(self.dumps.values()), "dumps_by_event": dict(self.dumps),
+            "last_good_step": self.last_good_step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loss.values.clear()
-        self.loss.values.extend(float(v) for v in state.get("loss_window", []))
-        self.grad_norm.values.clear()
-        self.grad_norm.values.extend(float(v) for v in state.get("grad_norm_window", []))
+        for name, series in (("loss", self.loss), ("grad_norm", self.grad_norm)):
+            series.values.clear()
+            series.values.extend(float(v) for v in state.get(f"{name}_window", []))
+            series.pending = [float(v) for v in state.get(f"{name}_pending", [])]
         self.count = int(state.get("count", 0))
-        self.dumps = int(state.get("dumps", 0))
+        if "dumps_by_event" in state:
+            self.dumps = {str(k): int(v) for k, v in state["dumps_by_event"].items()}
+        else:  # a checkpoint from before per-kind budgets: which kinds its total went to is unknown,
+            # so it counts against every kind but nonfinite (whose dumps are the ones that must not be lost)
+            legacy = int(state.get("dumps", 0))
+            self.dumps = {event: legacy for event in EVENTS if event != "nonfinite" and legacy}
         last = state.get("last_good_step")
         self.last_good_step = None if last is None else int(last)

@@ -129,11 +129,11 @@ class LogConfig:
     )
     max_new_tokens: int = 48
     peak_flops: Optional[float] = None  # per device, FLOP/s; None: looked up from the device kind
-    spike_window: int = 100  # steps of history for loss / grad-norm spike z-scores
-    spike_zscore: float = 6.0
+    spike_window: int = 100  # steps of history for loss / grad-norm spike checks
+    spike_zscore: float = 6.0  # robust z-score (median / MAD of log value) a spike must exceed
     entropy_floor: float = 0.5  # nats; a typical-mode sample below it is an entropy_collapse anomaly
     repetition_max: float = 0.5  # share of repeated 4-grams in a typical-mode sample; above: repetition
-    anomaly_dumps_max: int = 50  # anomalies/ folders written at most (events past it go to TensorBoard only)
+    anomaly_dumps_max: int = 50  # anomalies/ folders per event kind at most (past it: TensorBoard only)
     progress: bool = True  # tqdm bar on stderr (shown only when stderr is a terminal)
 
 

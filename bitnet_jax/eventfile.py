@@ -5,10 +5,12 @@ samples each tag down to 10,000 points; a 60,000-step run has ~540k scalars. Why
 ``tensorboardX.proto.event_pb2``: importing it runs ``tensorboardX/__init__``, which imports torch
 when torch is installed (~0.9 s). Instead:
 
-- framing: ``uint64 length, uint32 masked crc(length), data, uint32 masked crc(data)``; a record
-  whose bytes are not all there yet (the writer is appending) ends the read, and the next read starts
-  again at that record. CRCs are not checked: writers only append, so a torn tail is the one defect
-  to expect, and lengths find it.
+- framing: ``uint64 length, uint32 masked crc32c(length), data, uint32 masked crc32c(data)``. A
+  record whose bytes are not all there yet (the writer is appending), or whose header or data CRC
+  does not match, ends the read, and the next read starts again at that record. The CRCs matter: a
+  file's size can grow before its bytes land (network file systems, preallocation), and a tail of
+  zero bytes reads as complete records of length 0 or as zeroed data, which would be consumed and
+  lost for good. Both CRCs of all records are checked at once with numpy (``crc32c``).
 - the common record, one ``simple_value`` scalar (what ``SummaryWriter.add_scalar`` writes), is
   decoded for all records at once with numpy (exact: the float32 value and float64 wall time are
   reinterpreted, not converted);
@@ -22,7 +24,9 @@ when torch is installed (~0.9 s). Instead:
 
 from __future__ import annotations
 
+import array
 import dataclasses
+import functools
 import math
 import os
 import struct
@@ -37,6 +41,7 @@ _FOOTER = 4  # uint32 masked crc of the data
 _PAD = 16  # zero bytes after the buffer, so fixed-width gathers never run off its end
 _MAX_RECORD = 1 << 30  # a length above this is not a record a summary writer wrote
 TEXT_SUFFIX = "/text_summary"  # tensorboardX add_text appends it to the tag
+_ZERO_LENGTH_CRC = 0x07980329  # masked crc32c of a length of 0 (8 zero bytes); checked in a test
 
 
 class DecodeError(ValueError):
@@ -46,24 +51,169 @@ class DecodeError(ValueError):
 # --------------------------------------------------------------------------- framing
 
 def frame_records(buf: bytes | bytearray, start: int = 0, end: int | None = None) -> tuple[list[int], int]:
-    """Offsets of the complete TFRecords in ``buf[start:end]``.
+    """Offsets of the complete, CRC-checked TFRecords in ``buf[start:end]``.
 
     Returns ``(offsets, stop)``: the header offset of every complete record, and the offset just
-    after the last one (where the next read must begin: an incomplete record is read again later).
+    after the last one (where the next read must begin: an incomplete record, or one whose length or
+    data CRC does not match yet, and everything after it, is read again later).
     """
+    offsets, stop = _frame(buf, start, end)
+    return offsets.tolist(), stop
+
+
+def _frame(buf: bytes | bytearray, start: int = 0, end: int | None = None) -> tuple[np.ndarray, int]:
+    """``frame_records`` with the offsets as an int64 array."""
     n = len(buf) if end is None else end
-    unpack = struct.Struct("<Q").unpack_from
-    offsets: list[int] = []
-    add = offsets.append
+    unpack = struct.Struct("<QI").unpack_from
+    found = array.array("q")
+    add = found.append
     pos = start
     while pos + _HEADER <= n:
-        (length,) = unpack(buf, pos)
+        length, length_crc = unpack(buf, pos)
         nxt = pos + _HEADER + length + _FOOTER
         if nxt > n or length > _MAX_RECORD:
             break
+        if length == 0 and length_crc != _ZERO_LENGTH_CRC:  # zeros, not a record: stop here, not 16 bytes on
+            break
         add(pos)
         pos = nxt
+    offsets = np.frombuffer(found, np.int64) if found else np.zeros(0, np.int64)
+    if len(offsets):
+        first_bad = _first_crc_mismatch(buf, offsets)
+        if first_bad is not None:
+            pos = int(offsets[first_bad])
+            offsets = offsets[:first_bad]
     return offsets, pos
+
+
+def _first_crc_mismatch(buf: bytes | bytearray, starts: np.ndarray) -> int | None:
+    """Index of the first record (by header offset) whose length or data CRC does not match."""
+    b = np.frombuffer(buf, np.uint8)
+    lengths = sliding_window_view(b, 8)[starts].copy().view("<u8")[:, 0].astype(np.int64)
+    stored_length_crc = sliding_window_view(b, 4)[starts + 8].copy().view("<u4")[:, 0]
+    stored_data_crc = sliding_window_view(b, 4)[starts + _HEADER + lengths].copy().view("<u4")[:, 0]
+    # The length's CRC depends on the length alone: looked up for lengths under 2^16 (all records of
+    # a summary writer, in practice), computed for the rest.
+    small = lengths < len(_length_crcs())
+    expected = np.empty(len(starts), np.uint32)
+    expected[small] = _length_crcs()[lengths[small]]
+    if not small.all():
+        big = np.flatnonzero(~small)
+        expected[big] = masked_crc(crc32c(b, starts[big], np.full(len(big), 8, np.int64)))
+    ok = expected == stored_length_crc
+    ok &= masked_crc(crc32c(b, starts + _HEADER, lengths)) == stored_data_crc
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if len(bad) else None
+
+
+# --------------------------------------------------------------------------- CRC32C, vectorised
+
+_CRC_CHUNK = 1024  # bytes; records are cut into chunks this long, whose CRCs are combined
+
+
+@functools.cache
+def _crc_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    """CRC32C (Castagnoli, reflected) tables: the byte table, two 16-bit tables that take one
+    little-endian 32-bit word per step (slicing-by-4 with 16-bit indices), and four byte tables of
+    the linear map "run _CRC_CHUNK zero bytes through the register"."""
+    t0 = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        t0 = np.where(t0 & 1, (t0 >> 1) ^ np.uint32(0x82F63B78), t0 >> 1).astype(np.uint32)
+    t = [t0]
+    for _ in range(3):  # t[k][v]: byte v followed by k zero bytes
+        t.append((t[-1] >> 8) ^ t0[t[-1] & 0xFF])
+    i = np.arange(1 << 16)
+    lo = t[3][i & 0xFF] ^ t[2][i >> 8]  # the word's first two bytes
+    hi = t[1][i & 0xFF] ^ t[0][i >> 8]  # its last two
+    x = np.uint32(1) << np.arange(32, dtype=np.uint32)  # each register bit, through a chunk of zeros
+    for _ in range(_CRC_CHUNK // 4):
+        x = lo[x & 0xFFFF] ^ hi[x >> 16]
+    bits = (np.arange(256)[:, None] >> np.arange(8)) & 1 == 1
+    shift = tuple(np.bitwise_xor.reduce(np.where(bits, x[8 * k:8 * k + 8], np.uint32(0)), axis=1)
+                  for k in range(4))
+    return t0, lo, hi, shift
+
+
+@functools.cache
+def _length_crcs() -> np.ndarray:
+    """The masked CRC32C of the 8-byte header of each length below 2^16."""
+    lengths = np.arange(1 << 16, dtype="<u8")
+    return masked_crc(crc32c(lengths.view(np.uint8), np.arange(1 << 16) * 8, np.full(1 << 16, 8)))
+
+
+def _crc_registers(b: np.ndarray, starts: np.ndarray, lengths: np.ndarray, init: np.ndarray) -> np.ndarray:
+    """The CRC32C register after running each ``b[start:start + length]`` through it from ``init``
+    (no final inversion). One numpy step per 32-bit word position across all ranges at once: the
+    ranges are grouped by start address mod 4 (so each group reads aligned words of one view) and
+    sorted longest first (the ranges still going are a prefix)."""
+    t0, lo, hi, _ = _crc_tables()
+    crc = init.astype(np.uint32, copy=True)
+    words = lengths >> 2
+    for a in range(4):
+        rows = np.flatnonzero((starts & 3) == a)
+        if not len(rows):
+            continue
+        rows = rows[np.argsort(-words[rows], kind="stable")]
+        w = words[rows]
+        if w[0] == 0:
+            continue
+        view = b[a: a + 4 * ((len(b) - a) // 4)].view("<u4")
+        at = (starts[rows] - a) >> 2  # each range's next word in ``view``
+        going = np.searchsorted(-w, -np.arange(int(w[0])), side="left")  # ranges with > k words
+        c = crc[rows]
+        for m in going.tolist():
+            x = c[:m] ^ view[at[:m]]
+            c[:m] = lo[x & 0xFFFF] ^ hi[x >> 16]
+            at[:m] += 1
+        crc[rows] = c
+    tail = starts + (words << 2)
+    for i in range(3):  # the last 0-3 bytes
+        rows = np.flatnonzero((lengths & 3) > i)
+        if len(rows):
+            c = crc[rows]
+            crc[rows] = t0[(c ^ b[tail[rows] + i]) & 0xFF] ^ (c >> 8)
+    return crc
+
+
+def crc32c(b: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """CRC32C of every ``b[start:start + length]`` (uint8 ``b``), as uint32; e.g.
+    ``crc32c(np.frombuffer(b"123456789", np.uint8), [0], [9]) == [0xE3069283]``.
+
+    Long ranges are cut into chunks, the first ``length mod _CRC_CHUNK`` bytes long (1 to
+    _CRC_CHUNK) and the rest _CRC_CHUNK long, so the word loop runs at most _CRC_CHUNK / 4 steps; the
+    register is linear, so running A then B from ``init`` is ``shift(reg(A), len B) ^ reg(B from 0)``,
+    and the chunks are joined with the one shift table of _CRC_CHUNK zero bytes."""
+    starts = np.asarray(starts, np.int64)
+    lengths = np.asarray(lengths, np.int64)
+    full = np.uint32(0xFFFFFFFF)
+    chunks = np.maximum((lengths + _CRC_CHUNK - 1) // _CRC_CHUNK, 1)
+    if len(chunks) == 0 or chunks.max() == 1:
+        return ~_crc_registers(b, starts, lengths, np.full(len(starts), full))
+    _, _, _, shift = _crc_tables()
+    first_len = lengths - _CRC_CHUNK * (chunks - 1)
+    first = np.cumsum(chunks) - chunks  # each range's first chunk
+    rec = np.repeat(np.arange(len(starts)), chunks)
+    j = np.arange(len(rec)) - first[rec]  # chunk index within its range
+    c_start = np.where(j == 0, starts[rec], starts[rec] + first_len[rec] + _CRC_CHUNK * (j - 1))
+    c_len = np.where(j == 0, first_len[rec], _CRC_CHUNK)
+    regs = _crc_registers(b, c_start, c_len, np.where(j == 0, full, np.uint32(0)))
+    order = np.argsort(-chunks, kind="stable")
+    n_chunks = chunks[order]
+    reg = regs[first[order]]
+    for k in range(1, int(n_chunks[0])):
+        m = int(np.searchsorted(-n_chunks, -k, side="left"))
+        r = reg[:m]
+        reg[:m] = (shift[0][r & 0xFF] ^ shift[1][(r >> 8) & 0xFF] ^ shift[2][(r >> 16) & 0xFF]
+                   ^ shift[3][r >> 24] ^ regs[first[order[:m]] + k])
+    out = np.empty(len(starts), np.uint32)
+    out[order] = ~reg
+    return out
+
+
+def masked_crc(crc: np.ndarray) -> np.ndarray:
+    """TFRecord's masking of a CRC32C: rotate right by 15 bits, add 0xa282ead8 (mod 2^32)."""
+    crc = np.asarray(crc, np.uint32)
+    return ((crc >> np.uint32(15)) | (crc << np.uint32(17))) + np.uint32(0xA282EAD8)
 
 
 # --------------------------------------------------------------------------- protobuf wire decoding
@@ -344,10 +494,6 @@ class TextEvent(NamedTuple):
     text: str
 
 
-def _empty_series() -> Series:
-    return Series(np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.float64))
-
-
 class EventFileReader:
     """Reads one event file incrementally: each ``read()`` decodes only the bytes appended since the
     previous one, and leaves an incomplete last record for the next call."""
@@ -383,16 +529,15 @@ class EventFileReader:
                 got = f.readinto(memoryview(buf)[: size - self.offset])
         except FileNotFoundError:  # removed since the stat
             return 0
-        offsets, stop = frame_records(buf, 0, got)
-        if offsets:
-            self._decode(buf, offsets, stop)
+        starts, stop = _frame(buf, 0, got)
+        if len(starts):
+            self._decode(buf, starts, stop)
         self.offset += stop
-        self.records += len(offsets)
-        return len(offsets)
+        self.records += len(starts)
+        return len(starts)
 
-    def _decode(self, buf: bytearray, offsets: list[int], stop: int) -> None:
+    def _decode(self, buf: bytearray, starts: np.ndarray, stop: int) -> None:
         b = np.frombuffer(buf, np.uint8)
-        starts = np.asarray(offsets, np.int64)
         data_start = starts + _HEADER
         data_end = np.append(starts[1:], stop) - _FOOTER
         ok, steps, values, walls, tag_start, tag_len = _decode_simple_scalars(b, data_start, data_end)
@@ -474,9 +619,8 @@ class EventLog:
     the checkpoint a restart resumed from and the crash), as TensorBoard does with orphaned data.
     """
 
-    def __init__(self, folder: str | Path, recursive: bool = False):
+    def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.recursive = recursive
         self.readers: dict[Path, EventFileReader] = {}
         self._merged: dict[str, Series] = {}
         self._merged_texts: dict[str, list[TextEvent]] | None = None
@@ -486,8 +630,7 @@ class EventLog:
     def update(self) -> int:
         """Reads new files and the new bytes of known ones; returns the number of new records."""
         if self.folder.is_dir():
-            pattern = "**/*tfevents*" if self.recursive else "*tfevents*"
-            for path in sorted(self.folder.glob(pattern)):
+            for path in sorted(self.folder.glob("*tfevents*")):
                 if path not in self.readers and path.is_file():
                     self.readers[path] = EventFileReader(path)
         new = sum(r.read() for r in self.readers.values())
@@ -539,9 +682,6 @@ class EventLog:
     def tags(self) -> list[str]:
         seen = dict.fromkeys(t for r in self._order for t in r.tags())
         return list(seen)
-
-    def text_tags(self) -> list[str]:
-        return list(self.texts())
 
     def scalars(self, tag: str) -> Series | None:
         """The merged scalars of ``tag``, sorted by step, one value a step; None if never logged."""

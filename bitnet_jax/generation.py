@@ -42,12 +42,6 @@ MODES: dict[str, Sampling] = {
 }
 
 
-def sampling_for(mode: str) -> Sampling:
-    if mode not in MODES:
-        raise ValueError(f"unknown sampling mode {mode!r}; choose one of {', '.join(MODES)}")
-    return MODES[mode]
-
-
 # --------------------------------------------------------------------------- filters
 
 def top_k_mask(logits_BxV: jax.Array, k_B: jax.Array) -> jax.Array:

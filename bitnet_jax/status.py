@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from bitnet_jax.checkpoint import complete_steps  # a light import: the module loads jax only in functions
 from bitnet_jax.eventfile import EventLog, Series, is_event_file
 
 STAGE_NAMES = {1: "high LR + weight decay", 2: "cooldown, no weight decay"}
@@ -56,7 +57,10 @@ class RunConfig:
     steps: int | None = None
     batch_size: int | None = None
     seq_len: int | None = None
-    stage_switch: int | None = None  # resolved: optim.stage_switch, or train.steps // 2 when null
+    # Resolved: optim.stage_switch, or train.steps // 2 when null. The update with count stage_switch
+    # is the first of stage 2, and the trainer logs update count t as step t + 1, so stage_switch is
+    # the last logged step of stage 1.
+    stage_switch: int | None = None
     prompts: list[str] = dataclasses.field(default_factory=list)
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -147,34 +151,40 @@ class Run:
         self.log = EventLog(tb if tb.is_dir() or not any(map(is_event_file, self.path.iterdir())) else self.path)
         self.config: RunConfig | None = None
         self.config_note: str | None = None
+        self._config_stamp: tuple[int, int] | None = None  # config.yaml's (mtime_ns, size) when read
 
     def refresh(self) -> int:
-        """Reads new event bytes (and config.yaml until it exists); returns the new record count."""
+        """Reads new event bytes (and config.yaml when it appears or changes); returns the new
+        record count."""
         if not self.path.is_dir():
             raise RunDirError(f"run directory {self.path} disappeared")
-        if self.config is None:
-            self.config, self.config_note = load_config(self.path / "config.yaml")
-        if not self.log.folder.is_dir() and (self.path / "tb").is_dir():
-            self.log = EventLog(self.path / "tb")
+        path = self.path / "config.yaml"
+        try:
+            st = path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if self.config is None or stamp != self._config_stamp:
+            self.config, self.config_note = load_config(path)
+            self._config_stamp = stamp
         return self.log.update()
 
     # ----------------------------------------------------------------- files besides the events
 
     def checkpoints(self) -> tuple[list[int], list[int]]:
-        """(complete checkpoint steps, steps being saved now), both sorted."""
+        """(complete checkpoint steps, steps being saved now), both sorted. Complete means what
+        ``--resume latest`` would accept (``checkpoint.complete_steps``): a step folder from an
+        unfinished or damaged save is not listed."""
         folder = self.path / "checkpoints"
-        done, saving = [], []
+        done = complete_steps(self.path)
+        saving = []
         if folder.is_dir():
             for p in folder.iterdir():
-                if not p.is_dir():
-                    continue
-                if p.name.isdigit():
-                    done.append(int(p.name))
-                elif "orbax-checkpoint-tmp" in p.name:
+                if "orbax-checkpoint-tmp" in p.name and p.is_dir():
                     m = re.match(r"(\d+)", p.name)
                     if m:
                         saving.append(int(m.group(1)))
-        return sorted(done), sorted(set(saving) - set(done))
+        return done, sorted(set(saving) - set(done))
 
     def anomaly_dumps(self) -> list[tuple[int, str]]:
         """(step, event) of each anomalies/<step>_<event>/ folder, by step."""
@@ -353,7 +363,7 @@ def build_status(run: Run, now: float | None = None, stale_after: float | None =
     if stage_value is not None:
         stage = int(round(stage_value))
     elif step is not None and switch is not None:
-        stage = 1 if step < switch else 2
+        stage = 1 if step <= switch else 2  # step == stage_switch is stage 1's last update
     else:
         stage = None
 
@@ -493,7 +503,7 @@ def format_text(st: dict[str, Any]) -> str:
         name = st["stage_name"] or "unknown stage"
         where = ""
         if st["stage_switch"] is not None:
-            verb = "switch at" if st["stage"] == 1 else "switched at"
+            verb = "switch after" if st["stage"] == 1 else "switched after"
             where = f", {verb} step {_int(st['stage_switch'])}"
         lines.append(f"Stage: {st['stage']} ({name}){where}")
     eta = st["eta_seconds"]

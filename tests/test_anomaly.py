@@ -1,13 +1,14 @@
 """The anomaly detector on real TensorBoard event files and real dump folders."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bitnet_jax import config as config_lib
-from bitnet_jax.anomaly import AnomalyDetector, RollingZScore, decode_rows, poison_if_due
+from bitnet_jax.anomaly import AnomalyDetector, RollingSpike, decode_rows, poison_if_due
 from bitnet_jax.config import TokenizerConfig
 from bitnet_jax.data import load_tokenizer
 from bitnet_jax.metrics import TensorBoard
@@ -75,29 +76,114 @@ def test_halt_mode_requests_a_stop(tmp_path, tokenizer):
     assert (tmp_path / "anomalies" / "2_nonfinite" / "event.json").is_file()
 
 
-def test_loss_and_grad_norm_spikes_by_rolling_zscore(tmp_path, tokenizer):
-    det, tb = make_detector(tmp_path, tokenizer)
+def test_loss_and_grad_norm_spikes_by_rolling_median(tmp_path, tokenizer):
+    det, tb = make_detector(tmp_path, tokenizer)  # optim.warmup_steps = 30: judged from step 31 on
     rng = np.random.default_rng(0)
     for step in range(1, 31):
         det.on_step_metrics(step, healthy(step, 3.0 + 0.01 * rng.standard_normal()))
-    det.on_step_metrics(31, healthy(31, 3.5))  # ~50 sigma above
-    det.on_step_metrics(32, {**healthy(32, 3.0), "grad_norm": 40.0})
-    det.on_step_metrics(33, healthy(33, 2.9))  # lower is never a spike
+    det.on_step_metrics(31, healthy(31, 3.5))  # ~50 sigma above, but only 1.17x: not a loss spike
+    det.on_step_metrics(32, healthy(32, 6.0))  # 2x the median
+    det.on_step_metrics(33, {**healthy(33, 3.0), "grad_norm": 40.0})
+    det.on_step_metrics(34, healthy(34, 2.9))  # lower is never a spike
     tb.close()
-    assert sorted(p.name for p in (tmp_path / "anomalies").iterdir()) == ["31_loss_spike", "32_grad_norm_spike"]
+    assert sorted(p.name for p in (tmp_path / "anomalies").iterdir()) == ["32_loss_spike", "33_grad_norm_spike"]
     texts, count = read_events(tmp_path / "tb")
-    assert "standard deviations above" in texts["anomaly/loss_spike"][0][1]
-    assert count == [(31, 1.0), (32, 2.0)]
+    [(_, message)] = texts["anomaly/loss_spike"]
+    assert "loss 6 is 2.0x the median 2.998 of the previous 20 steps" in message
+    assert "robust standard deviations of log(loss)" in message
+    assert count == [(32, 1.0), (33, 2.0)]
 
 
-def test_rolling_zscore_waits_for_history_and_floors_a_flat_spread():
-    z = RollingZScore(window=20)
-    assert z.min_history == 5
+def heavy_tailed_run(steps, seed=0):
+    """A healthy run's (loss, grad_norm) per step: lognormal grad norms with routine 2-2.5x bumps
+    (every 40-80 steps) on top of a slow drift, and a noisy decreasing loss with 1.2-1.3x bumps."""
+    rng = np.random.default_rng(seed)
+    out = []
+    next_bump = 50
+    for step in range(1, steps + 1):
+        grad_norm = 0.5 * (1 + step / steps) * math.exp(0.1 * rng.standard_normal())
+        loss = (3.0 + 2.0 / math.sqrt(step)) * math.exp(0.02 * rng.standard_normal())
+        if step == next_bump:
+            grad_norm *= rng.uniform(2.0, 2.5)
+            loss *= rng.uniform(1.2, 1.3)
+            next_bump += int(rng.integers(40, 80))
+        out.append((loss, grad_norm))
+    return out
+
+
+def test_heavy_tailed_healthy_run_has_no_events_and_real_spikes_are_flagged(tmp_path, tokenizer):
+    det, tb = make_detector(tmp_path, tokenizer, "log.spike_window=100")
+    series = heavy_tailed_run(2000)
+    series[9] = (30.0, 20.0)  # step 10, inside the warm-up (30 steps): transients there are not judged
+    for step, (loss, grad_norm) in enumerate(series, start=1):
+        det.on_step_metrics(step, {**healthy(step, loss), "grad_norm": grad_norm})
+    assert det.count == 0 and not (tmp_path / "anomalies").exists()
+    loss, grad_norm = series[-1]
+    det.on_step_metrics(2001, {**healthy(2001, loss), "grad_norm": 10 * grad_norm})
+    det.on_step_metrics(2002, {**healthy(2002, 2 * loss), "grad_norm": grad_norm})
+    tb.close()
+    assert det.count == 2
+    assert sorted(p.name for p in (tmp_path / "anomalies").iterdir()) == ["2001_grad_norm_spike", "2002_loss_spike"]
+
+
+def test_flagged_values_stay_out_of_the_window(tmp_path, tokenizer):
+    det, tb = make_detector(tmp_path, tokenizer, "optim.warmup_steps=0")
+    for step in range(1, 21):
+        det.on_step_metrics(step, healthy(step, 3.0))
+    det.on_step_metrics(21, {**healthy(21, 3.0), "grad_norm": 5.0})
+    det.on_step_metrics(22, {**healthy(22, 3.0), "grad_norm": 5.0})  # a second spike: judged against the same history
+    tb.close()
+    assert 5.0 not in det.grad_norm.values and len(det.grad_norm.values) == 20
+    assert sorted(p.name for p in (tmp_path / "anomalies").iterdir()) == ["21_grad_norm_spike", "22_grad_norm_spike"]
+
+
+def test_a_lasting_new_level_becomes_the_baseline(tmp_path, tokenizer):
+    det, tb = make_detector(tmp_path, tokenizer, "optim.warmup_steps=0")  # window 20: 5 values of history
+    for step in range(1, 21):
+        det.on_step_metrics(step, healthy(step, 3.0))
+    for step in range(21, 41):
+        det.on_step_metrics(step, {**healthy(step, 3.0), "grad_norm": 6.0 + 0.01 * (step % 3)})
+    tb.close()
+    # The first 5 steps at the new level are events; then it is the run's level, not a spike.
+    assert det.count == 5 and sorted(det.grad_norm.values)[0] >= 6.0
+    assert [p.name for p in sorted((tmp_path / "anomalies").iterdir())] == [
+        f"{s}_grad_norm_spike" for s in range(21, 26)]
+
+
+def test_spikes_cannot_use_up_the_dump_of_a_nonfinite_step(tmp_path, tokenizer):
+    det, tb = make_detector(tmp_path, tokenizer, "log.anomaly_dumps_max=2", "optim.warmup_steps=0")
+    step = 0
+    for spike_at in (30, 60, 90):  # spikes far apart: each one judged against a quiet history
+        while step < spike_at:
+            step += 1
+            det.on_step_metrics(step, healthy(step, 3.0))
+        det.on_step_metrics(step, {**healthy(step, 3.0), "grad_norm": 50.0})
+    det.on_step_metrics(91, {**healthy(91, float("nan")), "skipped": 1.0})
+    tb.close()
+    assert det.count == 4
+    assert sorted(p.name for p in (tmp_path / "anomalies").iterdir()) == [
+        "30_grad_norm_spike", "60_grad_norm_spike", "91_nonfinite"]
+    texts, _ = read_events(tmp_path / "tb")
+    assert "no dump: log.anomaly_dumps_max=2 grad_norm_spike dumps reached" in texts["anomaly/grad_norm_spike"][-1][1]
+    assert "anomalies/91_nonfinite/" in texts["anomaly/nonfinite"][-1][1]
+
+
+def test_rolling_spike_waits_for_history_floors_a_flat_spread_and_needs_the_ratio():
+    r = RollingSpike(window=20, zscore=6.0, min_ratio=3.0)
+    assert r.min_history == 5
     for _ in range(4):
-        z.add(2.0)
-    assert z.score(100.0) is None
-    z.add(2.0)
-    assert z.score(2.001) == pytest.approx(0.001 / (1e-3 * 2.0))  # flat history: std floored, not zero
+        r.add(2.0)
+    assert r.score(100.0) is None and r.judge(2.0) is None  # too little history: accepted
+    assert list(r.values) == [2.0] * 5
+    z, ratio, median = r.score(2.02)
+    assert median == pytest.approx(2.0) and ratio == pytest.approx(1.01)
+    assert z == pytest.approx(math.log(1.01) / 1e-3)  # flat history: the spread is floored, not zero
+    assert r.judge(2.02) is None  # z ~ 10, but 1.01x the median
+    assert r.judge(6.5) is not None and 6.5 not in r.values  # z and ratio both over
+    r2 = RollingSpike(window=20, zscore=6.0, min_ratio=3.0)
+    for x in [1.0, 2.0] * 5:  # a wide spread: 4x the median is under 3 robust sigmas
+        r2.add(x)
+    assert r2.judge(5.6) is None
 
 
 def sample(mode, tokens, entropy, index=0):
@@ -132,7 +218,7 @@ def test_dump_cap_keeps_counting_in_tensorboard(tmp_path, tokenizer):
     tb.close()
     assert [p.name for p in (tmp_path / "anomalies").iterdir()] == ["1_nonfinite"]
     texts, count = read_events(tmp_path / "tb")
-    assert count[-1] == (3, 3.0) and "anomaly_dumps_max" in texts["anomaly/nonfinite"][-1][1]
+    assert count[-1] == (3, 3.0) and "anomaly_dumps_max=1 nonfinite dumps" in texts["anomaly/nonfinite"][-1][1]
 
 
 def test_state_dict_round_trip_keeps_history(tmp_path, tokenizer):
@@ -140,12 +226,25 @@ def test_state_dict_round_trip_keeps_history(tmp_path, tokenizer):
     for step in range(1, 11):
         det.on_step_metrics(step, healthy(step, 3.0 + step * 0.01))
     det.report(10, "loss_spike", "test")
+    det.grad_norm.pending = [9.0]
     state = json.loads(json.dumps(det.state_dict()))  # what a checkpoint's JSON item holds
     other, tb2 = make_detector(tmp_path / "b", tokenizer)
     other.load_state_dict(state)
     tb.close(), tb2.close()
     assert list(other.loss.values) == list(det.loss.values) and len(other.loss.values) == 10
-    assert other.count == 1 and other.last_good_step == 10 and other.dumps == 1
+    assert other.grad_norm.pending == [9.0]
+    assert other.count == 1 and other.last_good_step == 10 and other.dumps == {"loss_spike": 1}
+    assert state["dumps"] == 1  # the total, as checkpoints from before per-kind budgets held it
+
+
+def test_a_checkpoint_with_one_dump_total_keeps_nonfinite_dumps_available(tmp_path, tokenizer):
+    det, tb = make_detector(tmp_path, tokenizer, "log.anomaly_dumps_max=3")
+    det.load_state_dict({"loss_window": [3.0] * 5, "grad_norm_window": [0.5] * 5, "count": 3, "dumps": 3,
+                         "last_good_step": 7})
+    assert det.report(8, "loss_spike", "x") is None  # every other kind: the old total applies
+    assert det.report(9, "nonfinite", "y").name == "9_nonfinite"
+    tb.close()
+    assert det.count == 5
 
 
 def test_poison_only_at_its_step_and_decode_marks_bad_ids(tokenizer):

@@ -11,7 +11,9 @@ import numpy as np
 from tensorboardX import SummaryWriter
 from tensorboardX.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
 
-from bitnet_jax.eventfile import EventFileReader, EventLog, decode_event, frame_records, iter_events
+from bitnet_jax import eventfile
+from bitnet_jax.eventfile import (EventFileReader, EventLog, crc32c, decode_event, frame_records, iter_events,
+                                   masked_crc)
 
 WALL = 1_700_000_000.0
 
@@ -224,3 +226,58 @@ def test_iter_events_and_decode_event_read_the_same_as_the_protos(tmp_path):
         ref = event_pb2.Event.FromString(rec[12:-4])
         assert (ev.step, ev.wall_time) == (ref.step, ref.wall_time)
         assert decode_event(rec, 12, len(rec) - 4) == ev
+
+
+# --------------------------------------------------------------------------- CRCs: zero-filled tails
+
+def test_crc32c_matches_tensorboardx_on_short_long_and_empty_ranges():
+    from tensorboardX.crc32c import crc32c as reference
+    from tensorboardX.record_writer import masked_crc32c
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, 12_000, dtype=np.uint8)
+    starts = np.concatenate([np.arange(20), rng.integers(0, 4_000, 40), [0, 1, 2, 3]])
+    lengths = np.concatenate([np.arange(20), rng.integers(0, 8_000, 40), [4096, 5000, 1024, 1025]])
+    got = crc32c(data, starts, lengths)
+    assert got.dtype == np.uint32
+    assert got.tolist() == [reference(data[s:s + n].tobytes()) for s, n in zip(starts, lengths)]
+    assert int(crc32c(np.frombuffer(b"123456789", np.uint8), [0], [9])[0]) == 0xE3069283  # the check value
+    header = struct.pack("<Q", 0)
+    assert int(masked_crc(crc32c(np.frombuffer(header, np.uint8), [0], [8]))[0]) == masked_crc32c(header)
+    assert eventfile._ZERO_LENGTH_CRC == masked_crc32c(header)  # frame_records' shortcut for a zero length
+
+
+def test_zero_filled_tail_is_left_for_later_and_read_once_the_bytes_land(tmp_path):
+    """The file's size grew before its bytes did (zeros read where the last records will be): at a
+    record boundary, inside a header, inside the data, or with the data half there."""
+    path = _write(tmp_path, [("train/loss", s, s / 4) for s in range(1, 7)])
+    records = _records(path)
+    whole = b"".join(records)
+    head = b"".join(records[:-2])
+    tail = records[-2] + records[-1]
+    live = tmp_path / "live" / path.name
+    live.parent.mkdir()
+    for landed in range(len(records[-2])):  # bytes of the second-to-last record already there
+        live.write_bytes(head + tail[:landed] + bytes(len(tail) - landed))
+        reader = EventFileReader(live)
+        assert reader.read() == len(records) - 2, landed
+        assert reader.offset == len(head)
+        assert reader.raw_series("train/loss").steps.tolist() == [1, 2, 3, 4]
+        live.write_bytes(whole)  # the bytes landed
+        assert reader.read() == 2
+        assert reader.raw_series("train/loss").steps.tolist() == [1, 2, 3, 4, 5, 6]
+        assert reader.raw_series("train/loss").values.tolist() == [s / 4 for s in range(1, 7)]
+        assert reader.offset == len(whole)
+
+
+def test_a_record_with_a_bad_crc_stops_the_read_there(tmp_path):
+    path = _write(tmp_path, [("x", s, 1.0) for s in range(1, 6)])
+    records = _records(path)
+    for where in (0, 8, 12, -1):  # a bit flipped in the length, its CRC, the data, the data's CRC
+        bad = bytearray(records[3])
+        bad[where] ^= 0x01
+        buf = b"".join(records[:3]) + bytes(bad) + records[4]
+        offsets, stop = frame_records(buf)
+        assert (len(offsets), stop) == (3, len(b"".join(records[:3]))), where
+    zeros = b"".join(records) + bytes(4096)
+    assert frame_records(zeros) == (frame_records(b"".join(records))[0], len(b"".join(records)))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from tensorboardX import SummaryWriter
 
+from bitnet_jax import checkpoint as ck
 from bitnet_jax import config as config_lib
 from bitnet_jax.status import (
     PlotUnavailable,
@@ -47,6 +48,17 @@ def write_config(run_dir: Path, steps=600, batch=4, seq=8, eval_every=50, sample
     (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
 
 
+def make_checkpoint(run_dir: Path, step: int) -> Path:
+    """A step folder with the files of a finished save (what ``checkpoint.complete_steps`` checks)."""
+    folder = run_dir / "checkpoints" / str(step)
+    for name in (ck.COMMIT_FILE, "_CHECKPOINT_METADATA", f"{ck.STATE}/_METADATA", f"{ck.STATE}/manifest.ocdbt",
+                 f"{ck.DATA}/metadata", f"{ck.META}/metadata"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("{}")
+    assert ck.step_problem(folder) is None, "the fake checkpoint no longer looks complete to checkpoint.py"
+    return folder
+
+
 def step_time(s: int) -> float:
     return 100.0 + (s * 37) % 11  # varied, so a median differs from a mean or the last value
 
@@ -62,7 +74,7 @@ def write_events(run_dir: Path, first: int, last: int, *, wall0: float, suffix: 
     wall = wall0
     for s in range(first, last + 1):
         wall += step_time(s) / 1000
-        stage = 1 if s < switch else 2
+        stage = 1 if s <= switch else 2  # the stage of the update that made step s (count s - 1)
         for tag, value in (("train/loss", loss_at(s) + loss_shift), ("train/lr", 1e-3 * (1 - s / 1000)),
                            ("train/wd", 0.1 if stage == 1 else 0.0), ("train/grad_norm", 0.5 + s / 1000),
                            ("train/step_time_ms", step_time(s)),
@@ -115,7 +127,7 @@ def test_running_run_reports_exact_progress_metrics_eta_eval_samples(tmp_path):
     w.add_scalar("anomaly/count", 1, 120, walltime=1_700_000_010.0)
     w.close()
     for step in (50, 100):
-        (run_dir / "checkpoints" / str(step)).mkdir(parents=True)
+        make_checkpoint(run_dir, step)
     (run_dir / "checkpoints" / "150.orbax-checkpoint-tmp-1732700000").mkdir()  # being saved
     (run_dir / "checkpoints" / "notes.txt").write_text("not a checkpoint")
     st = status_of(run_dir, now=fresh_now(run_dir))
@@ -154,7 +166,7 @@ def test_running_run_reports_exact_progress_metrics_eta_eval_samples(tmp_path):
     assert text[3] == "Current metrics (step 150):"
     assert text[4] == "  Loss 2.5067   LR 0.00085   WD 0.1   Grad norm 0.6500"
     assert text[5] == f"  Throughput {median_tps:,.0f} tokens/s   Step time {median_ms:.0f} ms"
-    assert text[6] == "Stage: 1 (high LR + weight decay), switch at step 300"
+    assert text[6] == "Stage: 1 (high LR + weight decay), switch after step 300"
     assert text[7].startswith(f"ETA: {format_duration(eta)} (incl. 8 s of eval/samples/checkpoints)")
     assert text[8] == "Last eval (step 150): eval loss 3.1500, train loss 3.1375, gap 0.0125"
     assert text[9] == "Recent samples (step 100):"
@@ -203,7 +215,7 @@ def test_stage_two_after_the_switch(tmp_path):
     write_events(run_dir, 1, 420, wall0=1_700_000_000.0)
     st = status_of(run_dir)
     assert (st["step"], st["stage"], st["stage_switch"], st["wd"]) == (420, 2, 300, 0.0)
-    assert "Stage: 2 (cooldown, no weight decay), switched at step 300" in format_text(st)
+    assert "Stage: 2 (cooldown, no weight decay), switched after step 300" in format_text(st)
 
 
 def test_stage_switch_from_config_and_stage_from_step_when_no_stage_tag(tmp_path):
@@ -219,6 +231,79 @@ def test_stage_switch_from_config_and_stage_from_step_when_no_stage_tag(tmp_path
     assert st["step_time_ms"] == 1000.0
     assert st["tokens_per_sec"] == 32.0
     assert st["eta_seconds"] == pytest.approx(480.0)
+
+
+@pytest.mark.parametrize("last, stage", [(99, 1), (100, 1), (101, 2)])
+def test_stage_from_step_matches_what_the_trainer_logs_at_the_switch(tmp_path, last, stage):
+    """Step s is made by the update with count s - 1, which is stage 2 from count stage_switch on:
+    step stage_switch itself is still stage 1 (as schedules.stage says for count stage_switch - 1)."""
+    run_dir = tmp_path / "r"
+    write_config(run_dir, optim__stage_switch=100)
+    w = SummaryWriter(str(run_dir / "tb"), flush_secs=3600)
+    for s in range(1, last + 1):
+        w.add_scalar("train/loss", 2.0, s, walltime=1_700_000_000.0 + s)
+    w.close()
+    assert status_of(run_dir)["stage"] == stage
+
+
+def test_stage_tag_written_by_the_helper_follows_the_trainer(tmp_path):
+    from bitnet_jax import schedules
+
+    run_dir = make_run(tmp_path, logged=0)
+    write_events(run_dir, 1, 301, wall0=1_700_000_000.0)  # switch 300
+    run = Run(run_dir)
+    run.refresh()
+    stage = run.log.scalars("train/stage")
+    cfg = config_lib.Config(name="tiny")
+    cfg.train.steps = 600
+    # The trainer logs, at step s, the stage of the update with count s - 1 (train_state.make_train_step).
+    assert [stage.at(s) for s in (299, 300, 301)] == [float(schedules.stage(cfg, s - 1)) for s in (299, 300, 301)]
+    assert [stage.at(s) for s in (299, 300, 301)] == [1.0, 1.0, 2.0]
+    assert (run.log.scalars("train/wd").at(300), run.log.scalars("train/wd").at(301)) == (F32(0.1), 0.0)
+
+
+def test_only_complete_checkpoints_are_listed(tmp_path):
+    run_dir = make_run(tmp_path, logged=10)
+    make_checkpoint(run_dir, 5)
+    make_checkpoint(run_dir, 10)
+    (make_checkpoint(run_dir, 8) / ck.COMMIT_FILE).unlink()  # the save never finished
+    (make_checkpoint(run_dir, 9) / ck.META / "metadata").write_text('{"step": ')  # truncated
+    (run_dir / "checkpoints" / "7").mkdir()  # an empty step folder
+    (run_dir / "checkpoints" / "12.orbax-checkpoint-tmp-1732700000").mkdir()  # being saved
+    st = status_of(run_dir)
+    assert (st["checkpoints"], st["checkpoints_saving"]) == ([5, 10], [12])
+    assert st["checkpoints"] == ck.complete_steps(run_dir)  # what --resume latest would pick from
+
+
+def test_status_does_not_import_jax(tmp_path):
+    run_dir = make_run(tmp_path, logged=10)
+    make_checkpoint(run_dir, 10)
+    code = ("import sys; from bitnet_jax.status import main; main([sys.argv[1], '--json']); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'orbax')))")
+    p = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, timeout=120,
+                       cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    *report, modules = p.stdout.splitlines()
+    assert json.loads("\n".join(report))["checkpoints"] == [10] and modules == "[]"
+
+
+def test_watch_rereads_config_yaml_when_it_changes(tmp_path):
+    run_dir = make_run(tmp_path, logged=10)
+    run = Run(run_dir)
+    run.refresh()
+    config = run.config
+    run.refresh()
+    assert run.config is config and config.steps == 600  # unchanged: not read again
+    path = run_dir / "config.yaml"
+    mtime = path.stat().st_mtime_ns
+    write_config(run_dir, steps=1200)  # e.g. a resume with a longer --set train.steps
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # a new mtime even on a coarse-clock file system
+    run.refresh()
+    assert run.config.steps == 1200 and run.config.stage_switch == 600
+    assert build_status(run)["total_steps"] == 1200
+    path.unlink()
+    run.refresh()
+    assert run.config is None and "config.yaml not found" in run.config_note
 
 
 def test_no_eval_and_no_samples_yet_say_so(tmp_path):
@@ -354,7 +439,7 @@ def test_cli_text_report(tmp_path):
 
 def test_cli_json_has_every_documented_key(tmp_path):
     run_dir = make_run(tmp_path, logged=20, steps=20, eval_every=10, samples_every=10)
-    (run_dir / "checkpoints" / "20").mkdir(parents=True)
+    make_checkpoint(run_dir, 20)
     p = run_cli(str(run_dir), "--json")
     assert p.returncode == 0, p.stderr
     st = json.loads(p.stdout)
@@ -401,8 +486,6 @@ def test_cli_watch_refreshes_until_the_run_finishes(tmp_path):
 @pytest.mark.slow
 def test_status_reads_a_real_train_py_run(tmp_path):
     train, tiny = REPO / "train.py", REPO / "configs" / "tiny.yaml"
-    if not train.exists() or not tiny.exists():
-        pytest.skip("train.py or configs/tiny.yaml does not exist yet (the trainer is built in another issue)")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     overrides = ["train.steps=20", "optim.warmup_steps=5", "eval.every=10", "log.samples_every=10",
                  "log.metrics_every=10", "checkpoint.every=10"]
@@ -427,8 +510,7 @@ def test_status_reads_a_real_train_py_run(tmp_path):
     for key, tag in (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm")):
         assert st[key] == acc.Scalars(tag)[-1].value
     assert st["last_eval"]["eval_loss"] == acc.Scalars("eval/loss")[-1].value
-    # Parts of the trainer that may land later than status.py: checked once they write their files.
-    if (runs[0] / "checkpoints").is_dir():
-        assert 20 in st["checkpoints"]
-    if st["samples"] is not None:
-        assert st["samples"]["step"] == 20 and len(st["samples"]["items"]) == len(cfg.log.prompts)
+    assert 20 in st["checkpoints"] and st["checkpoints"] == ck.complete_steps(runs[0])
+    assert st["samples"]["step"] == 20 and len(st["samples"]["items"]) == len(cfg.log.prompts)
+    assert [item["prompt"] for item in st["samples"]["items"]] == cfg.log.prompts
+    assert all(isinstance(item[mode], str) for item in st["samples"]["items"] for mode in ("greedy", "typical", "stress"))
