@@ -165,8 +165,6 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
     pi, pc = jax.process_index(), jax.process_count()
     if pi == 0:  # one writer; process 0's stream is the one fingerprinted
         write_fingerprint(paths.root / "dataset_fingerprint.json", cfg, tokenizer)
-    loader = build_train_loader(cfg, tokenizer, process_index=pi, process_count=pc,
-                                state=restored.data_state if restored else None)
     evaluator = Evaluator(eval_step, build_eval_batches(cfg, tokenizer, pi, pc), mesh)
     if pi == 0:
         write_provenance(paths.root, config_lib.dump(cfg), resumed_from_step=restored.step if restored else None)
@@ -221,6 +219,9 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
     if restored:
         resume_lib.load_resumables(resumables, restored.meta)
         ckpt.last_saved = None if resume.target.new_run else step
+    # The loader's thread and tokenizer processes start here, right before the try that closes them.
+    loader = build_train_loader(cfg, tokenizer, process_index=pi, process_count=pc,
+                                state=restored.data_state if restored else None)
     stop = resume_lib.StopRequest()
     if pc == 1:
         stop.install()

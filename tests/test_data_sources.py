@@ -141,3 +141,18 @@ def test_hub_unreachable_says_offline_and_how_to_use_local_files():
     msg = str(e.value)
     assert "HuggingFaceFW/fineweb-edu" in msg and "HF_HUB_OFFLINE" in msg
     assert "--set data.data_files=" in msg and "make_fineweb_fixture" in msg
+
+
+def test_fixture_cli_refuses_impossible_shard_counts_and_prints_a_glob_of_its_own_files(shared_data, tmp_path, capsys):
+    from bitnet_jax.data.make_fineweb_fixture import main
+
+    csv_path = str(shared_data / "fineweb_edu_text_sample" / "training_data.csv")
+    for shards in ("0", "4"):
+        assert main([str(tmp_path / "bad.parquet"), "--csv", csv_path, "--rows", "3", "--shards", shards]) == 2
+        assert "give between 1 and the number of documents (3)" in capsys.readouterr().err
+    (tmp_path / "unrelated.parquet").write_bytes(b"")
+    assert main([str(tmp_path / "fw.parquet"), "--csv", csv_path, "--rows", "4", "--shards", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"data.data_files={tmp_path / 'fw-*-of-00002.parquet'}" in out
+    assert sorted(p.name for p in tmp_path.glob("fw-*-of-00002.parquet")) == [
+        "fw-00000-of-00002.parquet", "fw-00001-of-00002.parquet"]

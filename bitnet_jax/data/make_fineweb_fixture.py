@@ -71,6 +71,9 @@ def write_fixture(out: str | Path, *, csv_path: str | Path | None = None, shards
     import pyarrow.parquet as pq
 
     texts = read_texts(csv_path or default_csv())[:rows]
+    if not 1 <= shards <= len(texts):
+        raise DataError(f"--shards {shards}: give between 1 and the number of documents ({len(texts)}), so "
+                        "that every shard holds at least one")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if shards == 1:
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for p in paths:
         print(p)
-    print(f"train on it with: --set data.source=fineweb_edu --set data.data_files={args.out if args.shards == 1 else str(paths[0].parent / '*.parquet')}")
+    files = args.out if args.shards == 1 else str(paths[0].parent / paths[0].name.replace("-00000-of-", "-*-of-"))
+    print(f"train on it with: --set data.source=fineweb_edu --set data.data_files={files}")
     return 0
 
 
