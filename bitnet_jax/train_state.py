@@ -133,7 +133,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, state_shard
 
     def train_step(state: TrainState, batch: jax.Array):
         loss, grads = loss_and_grads(state.params, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         direction, opt_state = tx.update(grads, state.opt_state, state.params)
         lr, wd = lr_fn(state.step), wd_fn(state.step)

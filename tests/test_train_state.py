@@ -25,7 +25,7 @@ def _setup(overrides=None):
 
 def test_decay_mask_excludes_norm_weights():
     _, state = train_state.init_state(from_dict(SMALL))
-    flat = {tuple(p): m.value for p, m in nnx.to_flat_state(train_state.decay_mask(state.params))}
+    flat = {tuple(p): m.get_value() for p, m in nnx.to_flat_state(train_state.decay_mask(state.params))}
     assert flat[("embed_tokens",)] is True
     assert flat[("layers", 0, "self_attn", "q_proj", "weight")] is True
     assert flat[("layers", 0, "input_layernorm", "weight")] is False
