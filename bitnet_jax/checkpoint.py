@@ -153,6 +153,21 @@ def _not_damage_note(error: BaseException, step_dir: Path) -> None:
                    "so the checkpoint was left in place: fix the cause and resume again)")
 
 
+def _read_step(step_dir: Path, read, what: str = ""):
+    """``read()``, an Orbax read of ``step_dir``: damaged files raise ``CheckpointDamaged``; any other
+    error is re-raised as it is, with a note that the checkpoint was left in place."""
+    reason = None
+    try:
+        return read()
+    except Exception as e:
+        reason = damage_reason(e, step_dir)
+        if reason is None:
+            _not_damage_note(e, step_dir)
+            raise
+    # Raised outside the handler, so the failed read's frames (and arrays) are freed.
+    raise CheckpointDamaged(step_dir, what + reason)
+
+
 def _step_dirs(run_dir: str | Path) -> dict[int, Path]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
@@ -516,20 +531,11 @@ class CheckpointManager:
                                   f"complete steps of this run: {complete_steps(self.run_dir) or 'none'}")
         target = _abstract_tree(like, shardings)
         check_shapes(_stored_state_metadata(step_dir), target, f"checkpoint {step_dir}")
-        reason = None
-        try:
-            out = self._mngr.restore(step, args=ocp.args.Composite(**{
-                STATE: ocp.args.StandardRestore(target),
-                DATA: ocp.args.JsonRestore(),
-                META: ocp.args.JsonRestore(),
-            }))
-        except Exception as e:
-            reason = damage_reason(e, step_dir)
-            if reason is None:  # out of memory, sharding, file system, a bug: unchanged, with context
-                _not_damage_note(e, step_dir)
-                raise
-        if reason is not None:  # raised outside the handler: the failed read's frames are freed
-            raise CheckpointDamaged(step_dir, reason)
+        out = _read_step(step_dir, lambda: self._mngr.restore(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardRestore(target),
+            DATA: ocp.args.JsonRestore(),
+            META: ocp.args.JsonRestore(),
+        })))
         meta, data = dict(out[META]), dict(out[DATA])
         return from_tree(out[STATE], like), list(data.get("processes") or []), meta
 
@@ -555,17 +561,9 @@ def _stored_state_metadata(step_dir: Path) -> dict:
     """The stored state's tree of array metadata (shape, dtype), read from ``state/_METADATA`` and the
     arrays' zarr headers inside the OCDBT database (so a damaged database shows up here already)."""
     ocp = _ocp()
-    reason = None
-    try:
-        # The handler, not StandardCheckpointer().metadata: that one logs read errors and returns None.
-        meta = ocp.StandardCheckpointHandler().metadata(step_dir / STATE)
-    except Exception as e:
-        reason = damage_reason(e, step_dir)
-        if reason is None:
-            _not_damage_note(e, step_dir)
-            raise
-    if reason is not None:
-        raise CheckpointDamaged(step_dir, f"reading the metadata of {STATE}/: {reason}")
+    # The handler, not StandardCheckpointer().metadata: that one logs read errors and returns None.
+    meta = _read_step(step_dir, lambda: ocp.StandardCheckpointHandler().metadata(step_dir / STATE),
+                      f"reading the metadata of {STATE}/: ")
     tree = getattr(meta, "tree", meta)
     if not isinstance(tree, dict):
         raise CheckpointError(f"checkpoint {step_dir}: Orbax returned no array metadata for {STATE}/ "
@@ -645,24 +643,15 @@ def _load_params_of(run_dir: Path, s: int):
     target = _abstract_tree(like)
     check_shapes({"params": _stored_state_metadata(step_dir)["params"]}, {"params": target},
                  f"checkpoint {step_dir}")
-    reason = None
-    try:
-        restored = ocp.PyTreeCheckpointer().restore(
-            step_dir / STATE,
-            args=ocp.args.PyTreeRestore(
-                item={"params": target},
-                restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=_default_sharding()),
-                                          {"params": target}),
-                partial_restore=True,
-            ),
-        )
-    except Exception as e:
-        reason = damage_reason(e, step_dir)
-        if reason is None:
-            _not_damage_note(e, step_dir)
-            raise
-    if reason is not None:
-        raise CheckpointDamaged(step_dir, reason)
+    restored = _read_step(step_dir, lambda: ocp.PyTreeCheckpointer().restore(
+        step_dir / STATE,
+        args=ocp.args.PyTreeRestore(
+            item={"params": target},
+            restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=_default_sharding()),
+                                      {"params": target}),
+            partial_restore=True,
+        ),
+    ))
     return cfg, from_tree(restored["params"], like), s
 
 
