@@ -42,3 +42,31 @@ def test_fingerprint_describes_files_tokenizer_and_first_1000_ids(shared_data, l
     docs = [t for t, _ in DocumentStream(source_spec(cfg.data))]
     assert ids[:50].tolist() == ([1] + tok.encode(docs[held]))[:50]
     assert write_fingerprint(tmp_path / "again.json", cfg, tok) == written
+
+
+def test_a_resumed_run_reuses_unchanged_hashes_and_reports_changed_data(tmp_path, capsys, monkeypatch):
+    from bitnet_jax.data import sources
+
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("\n\n".join(f"paragraph {i}: " + "some words " * 50 for i in range(40)), encoding="utf-8")
+    cfg = Config(train=TrainConfig(batch_size=2, seq_len=32), eval=EvalConfig(batches=1),
+                 data=DataConfig(source="local", data_files=[str(corpus)], text_unit="paragraph"))
+    tok = load_tokenizer(cfg.tokenizer)
+    path = tmp_path / "run" / "dataset_fingerprint.json"
+    first = write_fingerprint(path, cfg, tok)
+    assert first["source"]["files"][0]["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+
+    def no_hashing(p):
+        raise AssertionError(f"{p} was hashed again")
+
+    monkeypatch.setattr(sources, "file_sha256", no_hashing)
+    assert write_fingerprint(path, cfg, tok) == first  # the resume: same data, nothing re-read
+    assert "warning" not in capsys.readouterr().err
+
+    monkeypatch.undo()
+    with open(corpus, "a", encoding="utf-8") as f:
+        f.write("\n\none more paragraph")
+    changed = write_fingerprint(path, cfg, tok)
+    assert changed["source"]["files"][0]["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+    err = capsys.readouterr().err
+    assert "the data differs from what this run trained on until now (data files" in err
