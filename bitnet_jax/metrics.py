@@ -146,6 +146,15 @@ class StepMetrics:
             self.progress.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
                                       stage=int(host["stage"]), refresh=False)
 
+    def state_dict(self) -> dict:
+        """The recent train losses, saved with each checkpoint: after a resume the first eval's
+        ``eval/train_eval_gap`` still averages every step since the previous eval."""
+        return {"losses": [[s, loss] for s, loss in self.losses]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses.clear()
+        self.losses.extend((int(s), float(loss)) for s, loss in state.get("losses", []))
+
     def mean_loss_since(self, step: int) -> float | None:
         """Mean train loss over steps after ``step`` (the window of an eval)."""
         vals = [loss for s, loss in self.losses if s > step]

@@ -195,7 +195,7 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
         summary["eval_loss"] = loss
 
     # Host-side objects saved with every checkpoint: state_dict() / load_state_dict(d).
-    resumables: dict[str, object] = {"anomaly": anomalies}
+    resumables: dict[str, object] = {"anomaly": anomalies, "metrics": metrics}
     ckpt = CheckpointManager(paths.root, cfg)
 
     def save(step: int) -> None:
@@ -218,6 +218,8 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
     step = int(jax.device_get(state.step))
     if restored:
         resume_lib.load_resumables(resumables, restored.meta)
+        if cfg.eval.every and run_eval:  # the eval an uninterrupted run made last (the mean since then)
+            last_eval["step"] = step // cfg.eval.every * cfg.eval.every
         ckpt.last_saved = None if resume.target.new_run else step
     # The loader's thread and tokenizer processes start here, right before the try that closes them.
     loader = build_train_loader(cfg, tokenizer, process_index=pi, process_count=pc,

@@ -2,6 +2,7 @@
 written to a real TensorBoard event file and read back."""
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from bitnet_jax import metrics as metrics_lib
@@ -60,3 +61,19 @@ def test_metrics_are_fetched_one_step_behind_without_hook_time(tmp_path, monkeyp
     assert log.scalars("train/loss").values.tolist() == [4.5, 4.0, 3.5]
     assert "train/skipped_updates" not in log.tags()  # written only when an update was dropped
     assert m.mean_loss_since(1) == pytest.approx(3.75)
+
+
+def test_recent_losses_survive_a_checkpoint_for_the_eval_gap(tmp_path):
+    import json
+
+    tb = metrics_lib.TensorBoard(tmp_path, enabled=False)
+    before = metrics_lib.StepMetrics(tb, tokens_per_step=10, flops_per_token=1.0, peak_flops_total=None)
+    before.start_clock()
+    for step in range(1, 8):
+        before.push(step, _device_metrics(step))
+    before.flush()
+    saved = json.loads(json.dumps(before.state_dict()))  # it goes through the checkpoint's JSON meta
+    after = metrics_lib.StepMetrics(tb, tokens_per_step=10, flops_per_token=1.0, peak_flops_total=None)
+    after.load_state_dict(saved)
+    assert list(after.losses) == list(before.losses)
+    assert after.mean_loss_since(4) == before.mean_loss_since(4) == pytest.approx(np.mean([2.5, 2.0, 1.5]))
