@@ -175,26 +175,20 @@ def _step_dirs(run_dir: str | Path) -> dict[int, Path]:
     return {int(p.name): p for p in root.iterdir() if p.name.isdigit()}
 
 
+def step_problems(run_dir: str | Path) -> dict[int, str | None]:
+    """Every step directory (bare integer name), sorted: step -> its ``step_problem`` (None: complete)."""
+    return {step: step_problem(path) for step, path in sorted(_step_dirs(run_dir).items())}
+
+
 def complete_steps(run_dir: str | Path, warn: bool = False) -> list[int]:
     """Sorted steps of ``run_dir`` whose directories are complete; with ``warn``, each skipped one
     is named in a warning."""
     out = []
-    for step, path in sorted(_step_dirs(run_dir).items()):
-        problem = step_problem(path)
+    for step, problem in step_problems(run_dir).items():
         if problem is None:
             out.append(step)
         elif warn:
-            warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
-    return out
-
-
-def incomplete_steps(run_dir: str | Path) -> dict[int, str]:
-    """Step directories (bare integer names) that fail ``step_problem``: step -> problem."""
-    out = {}
-    for step, path in sorted(_step_dirs(run_dir).items()):
-        problem = step_problem(path)
-        if problem is not None:
-            out[step] = problem
+            warnings.warn(f"skipping checkpoint {checkpoints_dir(run_dir) / str(step)}: {problem}", stacklevel=2)
     return out
 
 
@@ -363,15 +357,14 @@ def permanent_steps(run_dir: str | Path) -> list[int]:
 
 
 def is_save_step(cfg: Config, step: int) -> bool:
-    every = cfg.checkpoint.every
-    return step in mandatory_steps(cfg) or (every > 0 and step % every == 0)
+    return KeepPolicy(cfg.checkpoint.every, 0, mandatory_steps(cfg)).is_save_step(step)
 
 
 def save_hook(cfg: Config, fn) -> Hook:
     """The train loop's checkpoint hook: due at multiples of ``checkpoint.every`` and at the
-    mandatory steps (``mandatory_steps``); ``fn(step)`` saves."""
-    return Hook("checkpoint", cfg.checkpoint.every, fn, timing_tag="time/checkpoint_ms",
-                when=lambda step: is_save_step(cfg, step))
+    mandatory steps (``mandatory_steps``, the final step among them); ``fn(step)`` saves."""
+    return Hook("checkpoint", cfg.checkpoint.every, fn, at_end=False, timing_tag="time/checkpoint_ms",
+                steps=frozenset(mandatory_steps(cfg)))
 
 
 # --------------------------------------------------------------------------- multi-process JSON
@@ -573,13 +566,19 @@ def _stored_state_metadata(step_dir: Path) -> dict:
 
 # --------------------------------------------------------------------------- reading params only
 
-def _params_like(cfg: Config):
+def abstract_model(model_cfg):
+    """``(graphdef, params)`` of a ``BitNetLM`` for ``model_cfg``, shapes only (nothing allocated)."""
     from flax import nnx
 
     from bitnet_jax.model import BitNetLM
 
-    model = nnx.eval_shape(lambda: BitNetLM(cfg.model, rngs=nnx.Rngs(0)))
-    return nnx.split(model, nnx.Param)[1]
+    model = nnx.eval_shape(lambda: BitNetLM(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params
+
+
+def _params_like(cfg: Config):
+    return abstract_model(cfg.model)[1]
 
 
 def resolve_step(run_dir: str | Path, step: int | None) -> int:

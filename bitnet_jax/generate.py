@@ -36,12 +36,10 @@ def generate_text(run_dir: str | Path, prompt: str, *, step: int | None = None, 
     """Returns (continuation, checkpoint step). Raises ConfigError (a CheckpointError for a bad
     checkpoint) with what to do when the run, step, tokenizer or prompt does not fit."""
     import jax
-    from flax import nnx
 
-    from bitnet_jax.checkpoint import checkpoints_dir, load_params, read_config, resolve_step
+    from bitnet_jax.checkpoint import abstract_model, checkpoints_dir, load_params, read_config, resolve_step
     from bitnet_jax.data.tokenizer import load_run_tokenizer
     from bitnet_jax.generation import Generator
-    from bitnet_jax.model import BitNetLM
     from bitnet_jax.samples import prompt_ids
 
     run_dir = Path(run_dir)
@@ -53,7 +51,7 @@ def generate_text(run_dir: str | Path, prompt: str, *, step: int | None = None, 
     # The prompt must fit the model: checked from the stored config, before reading any arrays.
     model_cfg = read_config(checkpoints_dir(run_dir) / str(resolve_step(run_dir, step))).model
     ids = prompt_ids(tokenizer, prompt)
-    graphdef = nnx.split(nnx.eval_shape(lambda: BitNetLM(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
+    graphdef, _ = abstract_model(model_cfg)
     generator = Generator(graphdef, max_positions=model_cfg.max_position_embeddings, eos_id=tokenizer.eos_id)
     try:
         generator.padded_length(len(ids), max_new_tokens)

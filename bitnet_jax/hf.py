@@ -59,7 +59,7 @@ def hf_state_dict(params: nnx.State) -> dict[str, np.ndarray]:
     out = {}
     for path, var in nnx.to_flat_state(params):
         value = np.asarray(var[...], dtype=np.float32)
-        if len(path) > 1 and value.ndim == 2:  # BitLinear: [in, out] -> [out, in]
+        if is_bitlinear(path, value):  # [in, out] -> [out, in]
             value = np.ascontiguousarray(value.T)
         out[hf_name(tuple(path))] = value
     return out

@@ -9,8 +9,8 @@ from typing import Callable
 
 @dataclasses.dataclass
 class Hook:
-    """Runs ``fn(step)`` after every ``every``-th step, and at the final step when ``at_end``;
-    ``every = 0`` disables the hook entirely, and ``when(step)``, if given, decides instead.
+    """Runs ``fn(step)`` after every ``every``-th step, at the final step when ``at_end``, and at the
+    listed ``steps`` (the checkpoint's mandatory ones); ``every = 0`` leaves only ``steps``.
     ``timing_tag`` names a ``time/*`` scalar that records how long the hook took."""
 
     name: str
@@ -18,25 +18,20 @@ class Hook:
     fn: Callable[[int], None]
     at_end: bool = True
     timing_tag: str | None = None
-    when: Callable[[int], bool] | None = None  # replaces the every/at_end rule (e.g. mandatory steps)
+    steps: frozenset[int] = frozenset()
 
     def due(self, step: int, last_step: int) -> bool:
-        if self.when is not None:
-            return self.when(step)
+        if step in self.steps:
+            return True
         if not self.every:
             return False
         return step % self.every == 0 or (self.at_end and step == last_step)
 
 
-def run_due_hooks(hooks: list[Hook], step: int, last_step: int, on_time=None) -> bool:
-    """Runs the hooks due at ``step``; returns whether any ran. ``on_time(tag, ms)`` gets each
-    timed hook's duration."""
-    ran = False
+def run_hooks(hooks: list[Hook], step: int, on_time=None) -> None:
+    """Runs ``hooks`` (those due at ``step``); ``on_time(tag, ms)`` gets each timed hook's duration."""
     for hook in hooks:
-        if hook.due(step, last_step):
-            start = time.perf_counter()
-            hook.fn(step)
-            ran = True
-            if hook.timing_tag and on_time is not None:
-                on_time(hook.timing_tag, (time.perf_counter() - start) * 1e3)
-    return ran
+        start = time.perf_counter()
+        hook.fn(step)
+        if hook.timing_tag and on_time is not None:
+            on_time(hook.timing_tag, (time.perf_counter() - start) * 1e3)

@@ -110,18 +110,14 @@ def resolve_config(target: ResumeTarget, step_dir: Path, config_path: str | None
     return cfg
 
 
-def pick_step(target: ResumeTarget) -> int:
-    """The step to restore: the named one (which must be complete), or the newest complete one."""
-    return ckpt_lib.resolve_step(target.run_dir, target.step)
-
-
 def check_continuable(target: ResumeTarget, step: int, dry_run: bool = False) -> None:
     """A run continued in place will save steps after ``step`` again: refuse when complete newer
     checkpoints exist (they would be overwritten), move incomplete newer directories aside (with
     ``dry_run``: only say which would be moved)."""
     if target.new_run:
         return
-    newer = [s for s in ckpt_lib.complete_steps(target.run_dir) if s > step]
+    problems = {s: problem for s, problem in ckpt_lib.step_problems(target.run_dir).items() if s > step}
+    newer = [s for s, problem in problems.items() if problem is None]
     if newer:
         raise ConfigError(
             f"step {step} is not the newest checkpoint of {target.run_dir} (newer: {newer}); continuing "
@@ -129,7 +125,7 @@ def check_continuable(target: ResumeTarget, step: int, dry_run: bool = False) ->
             f"{ckpt_lib.checkpoints_dir(target.run_dir) / str(step)} --run-id NEW_ID")
     # (with several processes, one listing after process 0 has moved a step sees fewer; fine: only
     # process 0 moves, and move_aside is called on every process to meet at its barrier)
-    moves = {s: problem for s, problem in ckpt_lib.incomplete_steps(target.run_dir).items() if s > step}
+    moves = {s: problem for s, problem in problems.items() if problem is not None}
     if dry_run:
         for s, problem in moves.items():
             print(f"dry run: would move the incomplete checkpoint "
@@ -281,7 +277,7 @@ def plan(resume: str, runs_dir: str, run_id: str | None, config_path: str | None
     ConfigError with what to pass instead when anything does not fit. ``dry_run``: changes nothing on
     disk (incomplete newer step directories are only named, not moved aside)."""
     target = parse_target(resume, runs_dir, run_id)
-    step = pick_step(target)
+    step = ckpt_lib.resolve_step(target.run_dir, target.step)  # the named or newest complete step
     step_dir = ckpt_lib.checkpoints_dir(target.run_dir) / str(step)
     cfg = resolve_config(target, step_dir, config_path, overrides)
     if step >= cfg.train.steps:
@@ -315,7 +311,7 @@ def initial_state(cfg: Config, mesh, plan: ResumePlan | None):
           f"{restored.meta.get('tokens_seen', 0):,} tokens seen)", file=sys.stderr)
     if plan.target.new_run:
         changed = [k for k in config_lib.diff_keys(ckpt_lib.read_config(restored.step_dir), cfg)
-                   if any(fnmatch.fnmatchcase(k, p) for p in _DATA_KEYS) and not may_change(k)]
+                   if _matches(k, _DATA_KEYS) and not may_change(k)]
         if changed:
             print(f"note: changed from {restored.step_dir}: {', '.join(changed)}; the new run's data "
                   "stream starts from the beginning", file=sys.stderr)

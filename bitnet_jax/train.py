@@ -142,7 +142,7 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
     from bitnet_jax.data import (build_eval_batches, build_train_loader, check_vocab, load_tokenizer,
                                  write_fingerprint)
     from bitnet_jax.evaluation import Evaluator, eval_scalars
-    from bitnet_jax.hooks import Hook, run_due_hooks
+    from bitnet_jax.hooks import Hook, run_hooks
     from bitnet_jax.metrics import StepMetrics, TensorBoard, device_peak_flops
     from bitnet_jax.model import flops_per_token
     from bitnet_jax.provenance import write_provenance
@@ -253,10 +253,11 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
             step += 1
             metrics.push(step, step_metrics)
             ckpt.check_background_errors(step)  # host-side: never waits for the device or the disk
-            if any(h.due(step, total) for h in hooks):
+            due = [h for h in hooks if h.due(step, total)]
+            if due:
                 metrics.flush()  # hooks read the latest values; the device syncs here anyway
                 mark = metrics.pause_clock()
-                run_due_hooks(hooks, step, total, on_time=lambda tag, ms, s=step: tb.scalars(s, {tag: ms}))
+                run_hooks(due, step, on_time=lambda tag, ms, s=step: tb.scalars(s, {tag: ms}))
                 metrics.resume_clock(mark)
             if summary["first_loss"] is None and metrics.losses:
                 summary["first_step"], summary["first_loss"] = metrics.losses[0]
