@@ -141,6 +141,8 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
     from bitnet_jax.checkpoint import CheckpointManager, save_hook
     from bitnet_jax.data import (build_eval_batches, build_train_loader, check_vocab, load_tokenizer,
                                  write_fingerprint)
+    from bitnet_jax.data.heldout import heldout_set
+    from bitnet_jax.data.sources import source_spec
     from bitnet_jax.evaluation import Evaluator, eval_scalars
     from bitnet_jax.hooks import Hook, run_hooks
     from bitnet_jax.metrics import StepMetrics, TensorBoard, device_peak_flops
@@ -163,9 +165,10 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
 
     # Data: this process's shard of every global batch; fixed held-out batches for evaluation.
     pi, pc = jax.process_index(), jax.process_count()
-    if pi == 0:  # one writer; process 0's stream is the one fingerprinted
-        write_fingerprint(paths.root / "dataset_fingerprint.json", cfg, tokenizer)
-    evaluator = Evaluator(eval_step, build_eval_batches(cfg, tokenizer, pi, pc), mesh)
+    heldout = heldout_set(cfg, tokenizer, source_spec(cfg.data))  # read once: eval, fingerprint, loader
+    if pi == 0:  # one writer; it fingerprints the whole (unsharded) stream
+        write_fingerprint(paths.root / "dataset_fingerprint.json", cfg, tokenizer, heldout)
+    evaluator = Evaluator(eval_step, build_eval_batches(cfg, tokenizer, pi, pc, heldout), mesh)
     if pi == 0:
         write_provenance(paths.root, config_lib.dump(cfg), resumed_from_step=restored.step if restored else None)
 
@@ -223,7 +226,7 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
         ckpt.last_saved = None if resume.target.new_run else step
     # The loader's thread and tokenizer processes start here, right before the try that closes them.
     loader = build_train_loader(cfg, tokenizer, process_index=pi, process_count=pc,
-                                state=restored.data_state if restored else None)
+                                state=restored.data_state if restored else None, heldout=heldout)
     stop = resume_lib.StopRequest()
     if pc == 1:
         stop.install()

@@ -29,7 +29,7 @@ FIRST_TOKENS = 1000
 def training_stream_head(cfg: Config, tok, n: int = FIRST_TOKENS, heldout=None) -> np.ndarray:
     """The first ``n`` token ids of the training stream (process 0 of 1), int32."""
     spec = source_spec(cfg.data)
-    heldout = heldout or heldout_set(cfg, tok, spec)
+    heldout = heldout if heldout is not None else heldout_set(cfg, tok, spec)
     docs, have = [], 0
     for text, _ in DocumentStream(spec, repeat=cfg.data.repeat, exclude=heldout.digests):
         ids = tok.encode_documents([text])[0]
@@ -40,11 +40,11 @@ def training_stream_head(cfg: Config, tok, n: int = FIRST_TOKENS, heldout=None) 
     return stream_tokens(docs, n)
 
 
-def fingerprint(cfg: Config, tok, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+def fingerprint(cfg: Config, tok, previous: dict[str, Any] | None = None, heldout=None) -> dict[str, Any]:
     """The fingerprint of ``cfg``'s data; ``previous`` (the run's earlier one) spares re-hashing files
-    whose size and modification time have not changed."""
+    whose size and modification time have not changed; ``heldout``: the run's ``heldout_set``, if read."""
     spec = source_spec(cfg.data)
-    heldout = heldout_set(cfg, tok, spec)
+    heldout = heldout if heldout is not None else heldout_set(cfg, tok, spec)
     head = training_stream_head(cfg, tok, FIRST_TOKENS, heldout)
     known = {f["path"]: f for f in ((previous or {}).get("source") or {}).get("files", [])}
     return {
@@ -58,13 +58,13 @@ def fingerprint(cfg: Config, tok, previous: dict[str, Any] | None = None) -> dic
     }
 
 
-def write_fingerprint(path: str | Path, cfg: Config, tok) -> dict[str, Any]:
+def write_fingerprint(path: str | Path, cfg: Config, tok, heldout=None) -> dict[str, Any]:
     """Writes ``dataset_fingerprint.json`` (atomically) and returns its content. When the file is
     already there (a resumed run), unchanged files are not hashed again, and data that differs from
     what the run trained on so far is reported on stderr: the resume then continues on other data."""
     path = Path(path)
     previous = _read(path)
-    data = fingerprint(cfg, tok, previous)
+    data = fingerprint(cfg, tok, previous, heldout)
     changed = _changed(previous, data) if previous else []
     if changed:
         print(f"warning: the data differs from what this run trained on until now ({', '.join(changed)}; "

@@ -145,8 +145,9 @@ class TrainLoader:
 
 
 def build_train_loader(cfg: Config, tok, process_index: int = 0, process_count: int = 1,
-                       state: dict | None = None) -> TrainLoader:
-    """This process's training batches (see the module docstring); ``state`` resumes exactly."""
+                       state: dict | None = None, heldout: HeldOut | None = None) -> TrainLoader:
+    """This process's training batches (see the module docstring); ``state`` resumes exactly.
+    ``heldout``: the run's ``heldout_set`` when the caller has it already (read once per start)."""
     if not 0 <= process_index < process_count:
         raise ConfigError(f"process_index {process_index} is outside [0, {process_count})")
     rows = rows_per_process(cfg, process_count)
@@ -157,10 +158,11 @@ def build_train_loader(cfg: Config, tok, process_index: int = 0, process_count: 
                         "different steps); keep data.repeat=true and bound the run with train.steps")
     check_vocab(cfg, tok)
     spec = source_spec(cfg.data)
-    heldout = heldout_set(cfg, tok, spec)  # opens the source here: bad data fails in the caller
+    # Opens the source here (unless given): bad data fails in the caller.
+    heldout = heldout if heldout is not None else heldout_set(cfg, tok, spec)
     header = {"format": STATE_FORMAT, "source": spec.key, "process_index": process_index,
               "process_count": process_count, "heldout_sha256": heldout.sha256,
-              "tokenizer_sha256": tok.describe()["tokenizer_json_sha256"]}
+              "tokenizer_sha256": tok.json_sha256}
     if state is None:
         state = {**header, "position": None, "skip_tokens": 0, "batches": 0, "tokens": 0}
     else:
@@ -219,7 +221,8 @@ def _batches(cfg: Config, spec, heldout: HeldOut, encoder: DocumentTokenizer, ro
                               "batches": n_batches, "tokens": n_tokens}
 
 
-def build_eval_batches(cfg: Config, tok, process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
+def build_eval_batches(cfg: Config, tok, process_index: int = 0, process_count: int = 1,
+                       heldout: HeldOut | None = None) -> list[np.ndarray]:
     """``eval.batches`` fixed held-out batches for this process, int32 ``[rows, seq_len + 1]`` each.
 
     The held-out token stream (``heldout.py``) is packed by the training contract into
@@ -234,8 +237,7 @@ def build_eval_batches(cfg: Config, tok, process_index: int = 0, process_count: 
     check_vocab(cfg, tok)
     if cfg.eval.batches <= 0:
         return []
-    spec = source_spec(cfg.data)
-    heldout = heldout_set(cfg, tok, spec)
+    heldout = heldout if heldout is not None else heldout_set(cfg, tok, source_spec(cfg.data))
     all_rows = rows_from_stream(heldout.tokens, cfg.train.seq_len, cfg.eval.batches * cfg.train.batch_size)
     out = []
     for b in range(cfg.eval.batches):

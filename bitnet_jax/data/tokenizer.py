@@ -16,6 +16,7 @@ packer adds BOS/EOS ids itself.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -135,8 +136,13 @@ class Tokenizer:
             "bos_token": self.bos_token, "bos_id": self.bos_id,
             "eos_token": self.eos_token, "eos_id": self.eos_id,
             "files": {f.name: file_sha256(f) for f in self.files if f.is_file()},
-            "tokenizer_json_sha256": hashlib.sha256(self.backend.to_str().encode()).hexdigest(),
+            "tokenizer_json_sha256": self.json_sha256,
         }
+
+    @functools.cached_property
+    def json_sha256(self) -> str:
+        """sha256 of the backend serialised as tokenizer.json: what the data loader's state records."""
+        return hashlib.sha256(self.backend.to_str().encode()).hexdigest()
 
     def __repr__(self) -> str:
         return (f"Tokenizer({self.name_or_path!r}, kind={self.kind}, vocab_size={self.vocab_size}, "
