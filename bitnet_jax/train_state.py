@@ -26,7 +26,8 @@ class TrainState(flax.struct.PyTreeNode):
     step: jax.Array  # int32 scalar: optimizer updates completed
     params: Any  # nnx.State of the model's Params (float32 master weights)
     opt_state: Any  # clipping + Adam moments
-    key: jax.Array  # uint32[2] base PRNG key; per-step keys are fold_in(key, step)
+    key: jax.Array  # uint32[2] base PRNG key, checkpointed: any per-step randomness (none in the BitNet
+    # b1.58 step today: no dropout) must be fold_in(key, step), so a resume reproduces it
 
 
 def direction_transform(cfg: Config) -> optax.GradientTransformation:
