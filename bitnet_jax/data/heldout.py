@@ -19,7 +19,7 @@ import hashlib
 import numpy as np
 
 from bitnet_jax.config import Config
-from bitnet_jax.data.documents import DocumentStream, text_digest
+from bitnet_jax.data.documents import DocumentStream, chunked, text_digest
 from bitnet_jax.data.errors import DataError
 from bitnet_jax.data.sources import SourceSpec
 
@@ -54,25 +54,21 @@ def heldout_set(cfg: Config, tok, spec: SourceSpec) -> HeldOut:
     arrays: list[np.ndarray] = []
     have = 0
     chunk = max(1, min(cfg.data.tokenize_batch, 64))
-    stream = iter(DocumentStream(spec, repeat=False))
-    done = False
-    while not done:
-        texts = []
-        for text, _ in stream:
-            texts.append(text)
-            if len(texts) == chunk:
-                break
-        if not texts:
-            break
+
+    def enough() -> bool:
+        return len(digests) == wanted if wanted is not None else have >= need
+
+    for texts in chunked((text for text, _ in DocumentStream(spec, repeat=False)), chunk):
         if wanted == 0 or (wanted is None and need == 0):
             break  # the first document was read: the source works
         for text, ids in zip(texts, tok.encode_documents(texts)):
             digests.append(text_digest(text))
             arrays.append(ids)
             have += ids.shape[0]
-            if (len(digests) == wanted) if wanted is not None else (have >= need):
-                done = True
+            if enough():
                 break
+        if enough():
+            break  # read no further than the held-out documents
     if wanted is not None and len(digests) < wanted:
         raise DataError(f"data.eval_documents={wanted} but the dataset has only {len(digests)} documents, "
                         "leaving nothing to train on; lower data.eval_documents")

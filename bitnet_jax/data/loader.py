@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from bitnet_jax.config import Config, ConfigError
-from bitnet_jax.data.documents import DocumentStream
+from bitnet_jax.data.documents import DocumentStream, chunked
 from bitnet_jax.data.errors import DataError
 from bitnet_jax.data.heldout import HeldOut, heldout_set
 from bitnet_jax.data.packing import Packer
@@ -195,18 +195,8 @@ def _batches(cfg: Config, spec, heldout: HeldOut, encoder: DocumentTokenizer, ro
     skip = state["skip_tokens"]
     n_batches, n_tokens = state["batches"], state["tokens"]
 
-    def chunks():
-        texts, positions = [], []
-        for text, position in stream:
-            texts.append(text)
-            positions.append(position)
-            if len(texts) == cfg.data.tokenize_batch:
-                yield texts, positions
-                texts, positions = [], []
-        if texts:
-            yield texts, positions
-
-    for arrays, positions in encoder.map(chunks()):
+    chunks = ([list(column) for column in zip(*chunk)] for chunk in chunked(stream, cfg.data.tokenize_batch))
+    for arrays, positions in encoder.map(chunks):
         for ids, position in zip(arrays, positions):
             packer.push(ids, position)
             if skip:  # resuming inside this (the first) document
