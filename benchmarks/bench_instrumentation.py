@@ -6,8 +6,8 @@ Built from the same pieces as ``bitnet_jax/train.py``, on one train state, in on
   a shared machine hits both alike; each block ends by waiting for the device:
     bare:          next(loader) -> global_batch -> train_step
     instrumented:  + the debug-poison check, the anomaly detector's batch memory, StepMetrics.push
-                   (one-step-behind fetch, 9 TensorBoard scalars, the anomaly listener, the progress
-                   bar) and the hooks' due checks
+                   (the one-step-behind fetch) and the per-step hooks on it (9 TensorBoard scalars,
+                   the anomaly check, the console) and the state hooks' due checks
 - periodic work: each hook called after a warm-up call (compilation excluded), median of a few calls,
   amortised by its interval: eval, BitNet metrics, samples, and the blocking part of an async
   checkpoint save.
@@ -47,7 +47,6 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     import jax
-    from tqdm import tqdm
 
     from bitnet_jax import config as config_lib, sharding, train_state
     from bitnet_jax.anomaly import AnomalyDetector, poison_if_due
@@ -55,10 +54,11 @@ def main() -> None:
     from bitnet_jax.checkpoint import CheckpointManager
     from bitnet_jax.data import build_eval_batches, build_train_loader, load_tokenizer
     from bitnet_jax.evaluation import Evaluator
-    from bitnet_jax.hooks import Hook
-    from bitnet_jax.metrics import StepMetrics, TensorBoard, device_peak_flops
+    from bitnet_jax.console import Console
+    from bitnet_jax.hooks import Hook, StepInfo, run_hooks
+    from bitnet_jax.metrics import StepMetrics, TensorBoard, device_peak_flops, train_scalars_hook
     from bitnet_jax.model import count_params, flops_per_token
-    from bitnet_jax.samples import SampleHook
+    from bitnet_jax.samples import Sampler
 
     cfg = config_lib.load(args.config, args.overrides)
     run_dir = Path(tempfile.mkdtemp(prefix="bench_instr_"))
@@ -72,22 +72,22 @@ def main() -> None:
     evaluator = Evaluator(eval_step, build_eval_batches(cfg, tokenizer), mesh)
 
     tb = TensorBoard(run_dir / "tb")
-    progress = tqdm(total=10**9, disable=not sys.stderr.isatty(), mininterval=1.0)
+    console = Console(total_steps=10**9, start_step=0, print_every=0, bar=sys.stderr.isatty())
     peak = cfg.log.peak_flops or device_peak_flops()
-    metrics = StepMetrics(tb, tokens_per_step=cfg.tokens_per_step,
+    metrics = StepMetrics(tokens_per_step=cfg.tokens_per_step,
                           flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
-                          peak_flops_total=peak * jax.device_count() if peak else None, progress=progress)
-    anomalies = AnomalyDetector(cfg, run_dir, tb, tokenizer)
-    metrics.listeners.append(anomalies.on_step_metrics)
+                          peak_flops_total=peak * jax.device_count() if peak else None)
+    anomalies = AnomalyDetector(cfg, run_dir, tb, tokenizer, warn=console.warn)
+    per_step_hooks = [train_scalars_hook(tb), Hook("anomaly", lambda i: anomalies.on_step_metrics(i.step, i.metrics)),
+                      console.hook()]
     bitnet = BitNetMetrics(graphdef, evaluator.batches[0])
-    samples = SampleHook(cfg, tokenizer, graphdef, run_dir, tb, on_samples=anomalies.check_samples)
+    sampler = Sampler(cfg, tokenizer, graphdef, run_dir, tb)
     ckpt = CheckpointManager(run_dir, cfg)
     step = 0
-    NEVER = 10**12  # a last step never reached: the due checks run, the hooks fire only when called below
     intervals = {"eval": cfg.eval.every, "bitnet metrics": cfg.log.metrics_every,
                  "samples": cfg.log.samples_every, "checkpoint (blocking part)": cfg.checkpoint.every}
 
-    due_checks = [Hook(name, 0, lambda s: None, at_end=True) for name in intervals]
+    due_checks = [Hook(name, lambda info: None, every=every, needs_state=True) for name, every in intervals.items()]
 
     def bare(k: int) -> None:
         nonlocal state, step
@@ -110,10 +110,12 @@ def main() -> None:
             if metrics._pending is not None:  # wait for the previous step outside the timing: the
                 jax.block_until_ready(metrics._pending[1])  # device is busy then, the host is not working
             t0 = time.perf_counter()
-            metrics.push(step, device_metrics)
-            any(h.due(step, NEVER) for h in due_checks)  # the loop asks every step; they never fire here
+            for done, host in metrics.push(step, device_metrics):
+                run_hooks(per_step_hooks, StepInfo(done, host))
+            [h for h in due_checks if h.due(step)]  # the loop asks every step; here they are run below instead
             host_ms.append((spent + time.perf_counter() - t0) * 1e3)
-        metrics.flush()
+        for done, host in metrics.flush():
+            run_hooks(per_step_hooks, StepInfo(done, host))
 
     def timed_block(fn, k: int) -> float:
         jax.block_until_ready(state)
@@ -125,7 +127,7 @@ def main() -> None:
     hooks = {
         "eval": lambda: evaluator(state.params),
         "bitnet metrics": lambda: tb.scalars(step, bitnet(state.params)),
-        "samples": lambda: samples(step, state.params),
+        "samples": lambda: anomalies.check_samples(step, sampler(step, state.params)),
         "checkpoint (blocking part)": lambda: ckpt.save(step, state, data_state=loader.state_dict(),
                                                         resumables={"anomaly": anomalies}),
     }
@@ -154,7 +156,7 @@ def main() -> None:
         ckpt.close()
         loader.close()
         tb.close()
-        progress.close()
+        console.close()
 
     base, per_step = statistics.median(bare_ms), statistics.median(instr_ms)
     print()
@@ -165,7 +167,7 @@ def main() -> None:
           "   (within the blocks' noise on a shared CPU)")
     host = statistics.fmean(host_ms)  # the mean, stalls included: what the steps pay in total
     print(f"{'host work of the instrumentation':34}{host:10.3f}   {100 * host / base:+.2f}%   (timed directly: "
-          f"poison check, batch memory, fetch + 9 TB scalars + anomaly listener + progress, due checks; "
+          f"poison check, batch memory, fetch + 9 TB scalars + anomaly check + console, due checks; "
           f"mean; median {statistics.median(host_ms):.3f})")
     print()
     print(f"{'periodic work':34}{'ms/call':>10}{'every':>8}{'ms/step':>10}{'% of bare':>11}"

@@ -30,7 +30,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -151,7 +151,8 @@ class AnomalyDetector:
     spike windows, the event count and the last good step across a resume.
     """
 
-    def __init__(self, cfg: Config, run_dir: Path, tb, tokenizer, *, write: bool = True):
+    def __init__(self, cfg: Config, run_dir: Path, tb, tokenizer, *, write: bool = True,
+                 warn: Callable[[str], None] | None = None):
         log: LogConfig = cfg.log
         self.log = log
         self.on_nan = cfg.train.on_nan
@@ -159,6 +160,7 @@ class AnomalyDetector:
         self.tb = tb
         self.tokenizer = tokenizer
         self.write = write
+        self.warn = warn  # the console: one warning line per event, naming its dump folder
         self.warmup_steps = cfg.optim.warmup_steps
         self.loss = RollingSpike(log.spike_window, log.spike_zscore, LOSS_MIN_RATIO)
         self.grad_norm = RollingSpike(log.spike_window, log.spike_zscore, GRAD_NORM_MIN_RATIO)
@@ -235,6 +237,8 @@ class AnomalyDetector:
         last_good = "none yet" if self.last_good_step is None else f"step {self.last_good_step}"
         self.tb.text(step, f"anomaly/{event}", f"step {step}: {message}. Last good step: {last_good}.{where}")
         self.tb.scalars(step, {"anomaly/count": self.count})
+        if self.warn is not None:
+            self.warn(f"{event} at step {step}: {message}." + (f" Dump: {dump}" if dump else where))
         return dump
 
     def _dump(self, step, event, message, metrics, samples) -> Path:

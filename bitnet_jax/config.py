@@ -135,6 +135,7 @@ class LogConfig:
     repetition_max: float = 0.5  # share of repeated 4-grams in a typical-mode sample; above: repetition
     anomaly_dumps_max: int = 50  # anomalies/ folders per event kind at most (past it: TensorBoard only)
     progress: bool = True  # tqdm bar on stderr (shown only when stderr is a terminal)
+    print_every: int = 100  # a progress line on stdout every N steps (and at least every 60 s); 0: only the 60 s
 
 
 @dataclasses.dataclass(slots=True)
@@ -454,7 +455,7 @@ def validate(cfg: Config) -> None:
         if getattr(cfg.checkpoint, key) < 0:
             raise ConfigError(f"checkpoint.{key} must be >= 0 (0 disables), got {getattr(cfg.checkpoint, key)}")
     for key, value in (("eval.every", cfg.eval.every), ("log.metrics_every", cfg.log.metrics_every),
-                       ("log.samples_every", cfg.log.samples_every)):
+                       ("log.samples_every", cfg.log.samples_every), ("log.print_every", cfg.log.print_every)):
         if value < 0:
             raise ConfigError(f"{key} must be >= 0 (0 disables), got {value}")
     # eval.every = 0 turns evaluation off (no periodic and no final eval); only then may eval.batches

@@ -1,22 +1,26 @@
 """TensorBoard scalars with a one-step-behind host fetch, throughput and MFU.
 
 The train loop dispatches step s, then hands step s's device metrics to ``StepMetrics.push``, which
-fetches and writes step s-1's values: by then they are ready (or nearly), so logging never stalls the
-accelerator. The wall time between two consecutive fetches is the device's step time once the host
+fetches step s-1's values for the hooks: by then they are ready (or nearly), so logging never stalls
+the accelerator. The wall time between two consecutive fetches is the device's step time once the host
 runs ahead of the device.
 """
 
 from __future__ import annotations
 
 import collections
-import os
+import contextlib
+import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+
+from bitnet_jax.hooks import Hook, StepInfo
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (SXM parts; the first matching
 # name wins, so the PCIe and NVL H100s, slower parts, are listed before the SXM one).
@@ -49,6 +53,12 @@ class TensorBoard:
             # The pid in the name keeps two writers opened in the same second (a restart) apart.
             self._writer = SummaryWriter(str(log_dir), flush_secs=10, max_queue=1000,
                                          filename_suffix=f".{os.getpid()}")
+            # A non-finite loss is logged as it is and reported once, by the run's own warning line.
+            logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+
+    @property
+    def enabled(self) -> bool:
+        return self._writer is not None
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer is None:
@@ -74,77 +84,60 @@ class TensorBoard:
 
 
 class StepMetrics:
-    """Per-step scalars fetched one step behind; keeps the recent history hooks need."""
+    """Per-step host metrics, fetched one step behind, with throughput and MFU from the host clock;
+    keeps the recent history that the eval gap and the summary need (a checkpointed resumable)."""
 
-    def __init__(self, tb: TensorBoard, *, tokens_per_step: int, flops_per_token: float,
-                 peak_flops_total: float | None, progress=None, window: int = 1000):
-        self.tb = tb
+    def __init__(self, *, tokens_per_step: int, flops_per_token: float, peak_flops_total: float | None,
+                 window: int = 1000):
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.peak_flops_total = peak_flops_total
-        self.progress = progress
         self._pending: tuple[int, Any] | None = None
         self._last_fetch: float | None = None
         self.losses = collections.deque(maxlen=window)  # (step, loss) of recent steps
         self.step_times_ms = collections.deque(maxlen=100)
-        self.last: dict[str, float] = {}
-        self.listeners: list = []  # callables(step, host_metrics) run after each fetch (anomaly checks)
+        self.last: dict[str, float] = {}  # the newest fetched step's host metrics
 
     def start_clock(self) -> None:
         """Starts the step timer (call right before dispatching the first step)."""
         self._last_fetch = time.perf_counter()
 
-    def push(self, step: int, device_metrics: dict[str, jax.Array]) -> None:
+    def push(self, step: int, device_metrics: dict[str, jax.Array]) -> list[tuple[int, dict[str, float]]]:
+        """Takes step ``step``'s device metrics and returns ``[(step - 1, host metrics)]``: the previous
+        step's values, ready (or nearly) by now, so the fetch never stalls the accelerator."""
         previous, self._pending = self._pending, (step, device_metrics)
-        if previous is not None:
-            self._emit(*previous)
+        return [] if previous is None else [self._fetch(*previous)]
 
-    def flush(self) -> None:
+    def flush(self) -> list[tuple[int, dict[str, float]]]:
         """Fetches the pending step now (at sync points: eval, checkpoint, the end)."""
-        if self._pending is not None:
-            previous, self._pending = self._pending, None
-            self._emit(*previous)
+        previous, self._pending = self._pending, None
+        return [] if previous is None else [self._fetch(*previous)]
 
-    def pause_clock(self) -> float:
-        """Returns the time mark; call ``resume_clock`` with it after periodic work so hook time
-        is not counted as step time."""
-        return time.perf_counter()
+    @contextlib.contextmanager
+    def paused(self):
+        """Leaves the time spent inside (periodic hooks) out of the next step's time."""
+        mark = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._last_fetch is not None:
+                self._last_fetch += time.perf_counter() - mark
 
-    def resume_clock(self, mark: float) -> None:
-        if self._last_fetch is not None:
-            self._last_fetch += time.perf_counter() - mark
-
-    def _emit(self, step: int, device_metrics: dict[str, jax.Array]) -> None:
+    def _fetch(self, step: int, device_metrics: dict[str, jax.Array]) -> tuple[int, dict[str, float]]:
         host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         now = time.perf_counter()
         dt = now - (self._last_fetch if self._last_fetch is not None else now)
         self._last_fetch = now
-        tokens_per_sec = self.tokens_per_step / dt if dt > 0 else 0.0
-        values = {
-            "train/loss": host["loss"],
-            "train/lr": host["lr"],
-            "train/wd": host["wd"],
-            "train/grad_norm": host["grad_norm"],
-            "train/step_time_ms": dt * 1e3,
-            "train/tokens_per_sec": tokens_per_sec,
-            "train/tokens_seen": step * self.tokens_per_step,
-            "train/stage": host["stage"],
-        }
+        host["step_time_ms"] = dt * 1e3
+        host["tokens_per_sec"] = self.tokens_per_step / dt if dt > 0 else 0.0
+        host["tokens_seen"] = float(step * self.tokens_per_step)
         if self.peak_flops_total:
-            values["train/mfu"] = tokens_per_sec * self.flops_per_token / self.peak_flops_total
-        if host.get("skipped"):
-            values["train/skipped_updates"] = host["skipped"]
-        self.tb.scalars(step, values)
+            host["mfu"] = host["tokens_per_sec"] * self.flops_per_token / self.peak_flops_total
         if math.isfinite(host["loss"]):
             self.losses.append((step, host["loss"]))
         self.step_times_ms.append(dt * 1e3)
-        self.last = {"step": step, **host, "tokens_per_sec": tokens_per_sec}
-        for listener in self.listeners:
-            listener(step, host)
-        if self.progress is not None:
-            self.progress.update(step - self.progress.n)
-            self.progress.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
-                                      stage=int(host["stage"]), refresh=False)
+        self.last = {"step": step, **host}
+        return step, host
 
     def state_dict(self) -> dict:
         """The recent train losses, saved with each checkpoint: after a resume the first eval's
@@ -162,3 +155,21 @@ class StepMetrics:
 
     def median_step_ms(self) -> float | None:
         return float(np.median(self.step_times_ms)) if self.step_times_ms else None
+
+
+# Host metric name -> TensorBoard tag (DESIGN's per-step tags).
+TRAIN_TAGS = {"loss": "train/loss", "lr": "train/lr", "wd": "train/wd", "grad_norm": "train/grad_norm",
+              "step_time_ms": "train/step_time_ms", "tokens_per_sec": "train/tokens_per_sec",
+              "tokens_seen": "train/tokens_seen", "stage": "train/stage", "mfu": "train/mfu"}
+
+
+def train_scalars_hook(tb: TensorBoard) -> Hook:
+    """Writes every step's ``train/*`` scalars (``train/skipped_updates`` only when an update was dropped)."""
+
+    def write(info: StepInfo) -> None:
+        values = {tag: info.metrics[name] for name, tag in TRAIN_TAGS.items() if name in info.metrics}
+        if info.metrics.get("skipped"):
+            values["train/skipped_updates"] = info.metrics["skipped"]
+        tb.scalars(info.step, values)
+
+    return Hook("train_scalars", write)

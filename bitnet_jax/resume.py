@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import shutil
-import signal
 import sys
 import time
 import warnings
@@ -328,52 +327,3 @@ def load_resumables(resumables: dict, meta: dict) -> None:
             obj.load_state_dict(saved[name])
         else:
             print(f"note: the checkpoint holds no state for {name!r}; it starts fresh", file=sys.stderr)
-
-
-def resume_command(run_dir: Path) -> str:
-    return f"python train.py --resume {run_dir}"
-
-
-class StopRequest:
-    """SIGTERM / SIGINT set a flag that the train loop checks between steps (the handler never saves:
-    the loop saves the current step, waits for it, and exits 0). A second SIGINT raises
-    KeyboardInterrupt: the loop stops where it is without saving the current step, but it does not
-    end at once: the loop's cleanup (``CheckpointManager.close``) still waits for saves already
-    started, so none is left half-written, before the KeyboardInterrupt ends the run."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self.received_at: float | None = None
-        self._previous: dict = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
-    def seconds_since(self) -> float | None:
-        """Seconds from the signal to now (None without one): how long the stop took."""
-        return None if self.received_at is None else time.perf_counter() - self.received_at
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now (started saves are still waited for)
-        if not self.requested:
-            self.signal_name = signal.Signals(signum).name
-            self.received_at = time.perf_counter()
-
-    def install(self) -> "StopRequest":
-        """Installs the handlers (main thread of a single-process run only: with several processes
-        JAX's preemption sync, read through the checkpoint manager, decides the stop step)."""
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()

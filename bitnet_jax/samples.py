@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 from flax import nnx
@@ -27,20 +27,18 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return head + tokenizer.encode(prompt)
 
 
-class SampleHook:
-    """``hook(step, params)`` writes the samples of ``step`` and returns their records.
-
-    ``on_samples(step, records)`` (the anomaly detector) sees every record, with its token ids.
-    Prompts that do not fit the model are refused here, before any compute."""
+class Sampler:
+    """``sampler(step, params)`` writes the samples of ``step`` and returns their records (with their
+    token ids, for the anomaly detector). Prompts that do not fit the model are refused here, before
+    any compute."""
 
     def __init__(self, cfg: Config, tokenizer, graphdef: nnx.GraphDef, run_dir: Path, tb, *,
-                 write: bool = True, on_samples: Callable[[int, list[dict[str, Any]]], None] | None = None):
+                 write: bool = True):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.tb = tb
         self.write = write
         self.jsonl = Path(run_dir) / "samples.jsonl"
-        self.on_samples = on_samples
         self.generator = Generator(graphdef, max_positions=cfg.model.max_position_embeddings,
                                    eos_id=tokenizer.eos_id)
         self.prompts = [(p, prompt_ids(tokenizer, p)) for p in cfg.log.prompts]
@@ -69,8 +67,6 @@ class SampleHook:
                 })
         if self.write:
             self._write(step, records)
-        if self.on_samples is not None:
-            self.on_samples(step, records)
         return records
 
     def _write(self, step: int, records: list[dict[str, Any]]) -> None:

@@ -128,173 +128,193 @@ def prepare_run_dir(cfg: Config, runs_dir: str, run_id: str | None) -> RunPaths:
     return paths
 
 
-def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = None,
-          stop_at: int | None = None, run_eval: bool = True) -> dict:
-    """Runs the whole training (or continues ``resume``, up to ``stop_at``); returns a summary (first
-    and last loss, eval loss, throughput, what stopped it)."""
-    import jax
-    from tqdm import tqdm
+@dataclasses.dataclass(frozen=True)
+class RunInputs:
+    """What a start reads before it writes anything: a bad tokenizer or data file fails here, before
+    the run folder exists."""
 
-    from bitnet_jax import sharding, train_state
-    from bitnet_jax.anomaly import AnomalyDetector, poison_if_due
-    from bitnet_jax.bitnet_metrics import BitNetMetrics
-    from bitnet_jax.checkpoint import CheckpointManager, save_hook
-    from bitnet_jax.data import (build_eval_batches, build_train_loader, check_vocab, load_tokenizer,
-                                 write_fingerprint)
+    tokenizer: object  # bitnet_jax.data.Tokenizer
+    heldout: object  # bitnet_jax.data.heldout.HeldOut, read once: eval batches, fingerprint, loader
+
+
+def read_inputs(cfg: Config) -> RunInputs:
+    from bitnet_jax.data import check_vocab, load_tokenizer
     from bitnet_jax.data.heldout import heldout_set
     from bitnet_jax.data.sources import source_spec
-    from bitnet_jax.evaluation import Evaluator, eval_scalars
-    from bitnet_jax.hooks import Hook, run_hooks
+
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    check_vocab(cfg, tokenizer)
+    return RunInputs(tokenizer, heldout_set(cfg, tokenizer, source_spec(cfg.data)))
+
+
+def train(cfg: Config, paths: RunPaths, inputs: RunInputs, resume: resume_lib.ResumePlan | None = None,
+          stop_at: int | None = None, run_eval: bool = True) -> dict:
+    """Runs the whole training (or continues ``resume``, up to ``stop_at``); returns a summary (first
+    and last loss, eval loss, throughput, skipped updates, what stopped it)."""
+    import jax
+
+    from bitnet_jax import sharding, train_state
+    from bitnet_jax.anomaly import AnomalyDetector
+    from bitnet_jax.checkpoint import CheckpointManager
+    from bitnet_jax.console import Console
+    from bitnet_jax.data import build_eval_batches, build_train_loader, write_fingerprint
+    from bitnet_jax.evaluation import Evaluator
+    from bitnet_jax.loop import END_OF_DATA, run_loop
     from bitnet_jax.metrics import StepMetrics, TensorBoard, device_peak_flops
     from bitnet_jax.model import flops_per_token
     from bitnet_jax.provenance import write_provenance
-    from bitnet_jax.samples import SampleHook
+    from bitnet_jax.signals import StopRequest
 
-    # Tokenizer: check it fits the model before any compute, keep a copy with the run.
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    check_vocab(cfg, tokenizer)
-    if jax.process_index() == 0:  # one writer: the processes share the run directory
+    pi, pc = jax.process_index(), jax.process_count()
+    writer = pi == 0  # one writer: the processes share the run directory
+    tokenizer, heldout = inputs.tokenizer, inputs.heldout
+    if writer:  # a copy of the tokenizer and what the run trains on, kept with the run
         tokenizer.save(paths.tokenizer)
+        write_fingerprint(paths.root / "dataset_fingerprint.json", cfg, tokenizer, heldout)
 
     # Model, optimizer state and the jitted steps, laid out on the mesh (restored when resuming).
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_fits(cfg, mesh)
     graphdef, state, state_sharding, restored = resume_lib.initial_state(cfg, mesh, resume)
     train_step = train_state.make_train_step(cfg, graphdef, mesh, state_sharding)
-    eval_step = train_state.make_eval_step(graphdef, mesh, state_sharding.params)
-
-    # Data: this process's shard of every global batch; fixed held-out batches for evaluation.
-    pi, pc = jax.process_index(), jax.process_count()
-    heldout = heldout_set(cfg, tokenizer, source_spec(cfg.data))  # read once: eval, fingerprint, loader
-    if pi == 0:  # one writer; it fingerprints the whole (unsharded) stream
-        write_fingerprint(paths.root / "dataset_fingerprint.json", cfg, tokenizer, heldout)
-    evaluator = Evaluator(eval_step, build_eval_batches(cfg, tokenizer, pi, pc, heldout), mesh)
-    if pi == 0:
+    evaluator = Evaluator(train_state.make_eval_step(graphdef, mesh, state_sharding.params),
+                          build_eval_batches(cfg, tokenizer, pi, pc, heldout), mesh)
+    start = int(jax.device_get(state.step))
+    if writer:
         write_provenance(paths.root, config_lib.dump(cfg), resumed_from_step=restored.step if restored else None)
 
-    tb = TensorBoard(paths.tb, enabled=pi == 0)
-    total = cfg.train.steps
-    show_progress = cfg.log.progress and pi == 0 and sys.stderr.isatty()  # quiet in logs and subprocesses
-    progress = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, disable=not show_progress,
-                    mininterval=1.0)
+    # Instrumentation: metrics fetched one step behind, the console, anomalies, checkpoints.
+    tb = TensorBoard(paths.tb, enabled=writer)
+    console = Console(total_steps=cfg.train.steps, start_step=start, print_every=cfg.log.print_every,
+                      enabled=writer, bar=cfg.log.progress and sys.stderr.isatty())
+    console.block(f"bitnet-jax run {paths.root.name}", start_rows(cfg, paths, mesh, restored))
     peak = cfg.log.peak_flops or device_peak_flops()
-    metrics = StepMetrics(tb, tokens_per_step=cfg.tokens_per_step,
-                          flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
-                          peak_flops_total=peak * jax.device_count() if peak else None, progress=progress,
+    fetcher = StepMetrics(tokens_per_step=cfg.tokens_per_step, flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
+                          peak_flops_total=peak * jax.device_count() if peak else None,
                           window=max(1000, cfg.eval.every))  # eval/train_eval_gap averages since the last eval
-    anomalies = AnomalyDetector(cfg, paths.root, tb, tokenizer, write=pi == 0)
-    metrics.listeners.append(anomalies.on_step_metrics)
-    bitnet_metrics = BitNetMetrics(graphdef, evaluator.batches[0] if evaluator.batches else None)
-    samples = SampleHook(cfg, tokenizer, graphdef, paths.root, tb, write=pi == 0,
-                         on_samples=anomalies.check_samples)
-
-    summary = {"eval_loss": None, "first_loss": None}
-    last_eval = {"step": 0}
-
-    def evaluate(step: int) -> None:
-        loss = evaluator(state.params)
-        tb.scalars(step, eval_scalars(loss, metrics.mean_loss_since(last_eval["step"])))
-        last_eval["step"] = step
-        summary["eval_loss"] = loss
-
-    # Host-side objects saved with every checkpoint: state_dict() / load_state_dict(d).
-    resumables: dict[str, object] = {"anomaly": anomalies, "metrics": metrics}
+    anomalies = AnomalyDetector(cfg, paths.root, tb, tokenizer, write=writer, warn=console.warn)
     ckpt = CheckpointManager(paths.root, cfg)
-
-    def save(step: int) -> None:
-        if anomalies.halt_reason is None:  # train.on_nan=halt: nothing from the bad step on is saved
-            ckpt.save(step, state, data_state=loader.state_dict(), resumables=resumables)
-
-    # BitNet metrics and samples also run at the last step, unless the run is shorter than their
-    # interval (short test runs then skip compiling them).
-    log = cfg.log
-    samples_every = log.samples_every if log.prompts else 0
-    hooks = [
-        Hook("eval", cfg.eval.every if run_eval else 0, evaluate, at_end=run_eval, timing_tag="time/eval_ms"),
-        Hook("metrics", log.metrics_every, lambda s: tb.scalars(s, bitnet_metrics(state.params)),
-             at_end=0 < log.metrics_every <= total, timing_tag="time/metrics_ms"),
-        Hook("samples", samples_every, lambda s: samples(s, state.params),
-             at_end=0 < samples_every <= total, timing_tag="time/samples_ms"),
-        save_hook(cfg, save),
-    ]
-
-    step = int(jax.device_get(state.step))
+    resumables = {"anomaly": anomalies, "metrics": fetcher}  # host state saved with every checkpoint
     if restored:
         resume_lib.load_resumables(resumables, restored.meta)
-        if cfg.eval.every and run_eval:  # the eval an uninterrupted run made last (the mean since then)
-            last_eval["step"] = step // cfg.eval.every * cfg.eval.every
-        ckpt.last_saved = None if resume.target.new_run else step
+        ckpt.last_saved = None if resume.target.new_run else start
+    stop = StopRequest().install() if pc == 1 else StopRequest()
+    stops = [lambda step: stop.signal_name,
+             lambda step: "a preemption notice (SIGTERM to one of the processes)" if ckpt.reached_preemption(step) else None,
+             lambda step: anomalies.halt_reason and "a non-finite step (train.on_nan=halt)"]
     # The loader's thread and tokenizer processes start here, right before the try that closes them.
     loader = build_train_loader(cfg, tokenizer, process_index=pi, process_count=pc,
                                 state=restored.data_state if restored else None, heldout=heldout)
-    stop = resume_lib.StopRequest()
-    if pc == 1:
-        stop.install()
-    end = stop_at or total
-    stopped_by = None  # why the loop ended early, in words
-    metrics.start_clock()
     try:
-        while step < end:
-            if stop.requested:
-                stopped_by = stop.signal_name
-                break
-            if ckpt.reached_preemption(step):
-                stopped_by = "a preemption notice (SIGTERM to one of the processes)"
-                break
-            if anomalies.halt_reason:
-                break
-            try:
-                rows = next(loader)
-            except StopIteration:  # data.repeat=false and the source is used up: save and stop cleanly
-                stopped_by = "the end of the data (data.repeat=false)"
-                summary["data_ran_out"] = True
-                break
-            rows = poison_if_due(rows, step + 1, cfg.train.debug_poison_step, cfg.model.vocab_size)
-            anomalies.remember_batch(step + 1, rows)  # host rows, for a dump if step + 1 turns out bad
-            batch = sharding.global_batch(rows, mesh)
-            state, step_metrics = train_step(state, batch)
-            step += 1
-            metrics.push(step, step_metrics)
-            ckpt.check_background_errors(step)  # host-side: never waits for the device or the disk
-            due = [h for h in hooks if h.due(step, total)]
-            if due:
-                metrics.flush()  # hooks read the latest values; the device syncs here anyway
-                mark = metrics.pause_clock()
-                run_hooks(due, step, on_time=lambda tag, ms, s=step: tb.scalars(s, {tag: ms}))
-                metrics.resume_clock(mark)
-            if summary["first_loss"] is None and metrics.losses:
-                summary["first_step"], summary["first_loss"] = metrics.losses[0]
-        metrics.flush()
-        if ckpt.last_saved != step:  # the final step, --stop-at, or a stop request
-            save(step)
-        ckpt.wait()
+        hooks, evals = make_hooks(cfg, paths, graphdef, tokenizer, tb, console, fetcher, anomalies, ckpt, loader,
+                                 resumables, evaluator if run_eval else None, start)
+        end = run_loop(train_step, state, device_batches(loader, start, anomalies, cfg, mesh), start_step=start,
+                       end_step=stop_at or cfg.train.steps, fetcher=fetcher, hooks=hooks, stops=stops,
+                       on_time=lambda step, tag, ms: tb.scalars(step, {tag: ms}))
     finally:
         stop.uninstall()
         ckpt.close()
-        progress.close()
+        console.close()
         loader.close()
         tb.close()
-    summary.update(final_loss=metrics.last.get("loss"), step=step, total_steps=total,
-                   median_step_ms=metrics.median_step_ms(), tokens_per_step=cfg.tokens_per_step,
-                   stopped_by=stopped_by or ("--stop-at" if step == stop_at < total else None),
-                   stop_seconds=stop.seconds_since(), halted=anomalies.halt_reason)
-    return summary
+    return {"first": console.first, "final_loss": console.last.get("loss"), "skipped": console.skipped,
+            "eval_loss": evals.loss if evals else None, "step": end.step, "total_steps": cfg.train.steps,
+            "median_step_ms": fetcher.median_step_ms(), "tokens_per_step": cfg.tokens_per_step,
+            "stopped_by": end.stopped_by or ("--stop-at" if end.step == stop_at < cfg.train.steps else None),
+            "data_ran_out": end.stopped_by == END_OF_DATA, "stop_seconds": stop.seconds_since(),
+            "halted": anomalies.halt_reason}
+
+
+def start_rows(cfg: Config, paths: RunPaths, mesh, restored) -> list[tuple[str, object]]:
+    """The start block's rows: where the run writes, what it trains, on what, for how long."""
+    import jax
+
+    from bitnet_jax.model import count_params
+
+    n = count_params(cfg.model)
+    devices = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.process_count()} process(es))"
+    return [
+        ("run directory", paths.root),
+        ("config", cfg.name),
+        ("parameters", f"{n:,} ({format_count(n)})"),
+        ("devices", f"{devices}, mesh {dict(mesh.shape)}"),
+        ("tokens per step", f"{cfg.tokens_per_step:,} ({cfg.train.batch_size} x {cfg.train.seq_len})"),
+        ("steps", f"{cfg.train.steps:,} ({format_count(cfg.total_tokens)} tokens), stage 2 from update "
+                  f"{cfg.stage_switch:,}"),
+        ("start", f"resumed from {restored.step_dir} (step {restored.step:,})" if restored else "step 0 (new run)"),
+    ]
+
+
+def make_hooks(cfg: Config, paths: RunPaths, graphdef, tokenizer, tb, console, fetcher, anomalies, ckpt, loader,
+              resumables: dict, evaluator, start: int):
+    """The run's hooks, in the order they run at a step: per-step ones (one step behind), then the
+    ones that need the state. Returns ``(hooks, the eval hook or None)``."""
+    from bitnet_jax.bitnet_metrics import BitNetMetrics
+    from bitnet_jax.evaluation import PeriodicEval
+    from bitnet_jax.hooks import Hook
+    from bitnet_jax.metrics import train_scalars_hook
+    from bitnet_jax.samples import Sampler
+    from bitnet_jax.saving import Checkpointing
+
+    total, log = cfg.train.steps, cfg.log
+    # BitNet metrics and samples also run at the last step, unless the run is shorter than their
+    # interval (short test runs then skip compiling them).
+    def last_step_if(every: int) -> frozenset[int]:
+        return frozenset({total}) if 0 < every <= total else frozenset()
+
+    saving = Checkpointing(cfg, ckpt, data_state=loader.state_dict, resumables=resumables,
+                           halted=lambda: anomalies.halt_reason is not None, tb=tb, say=console.say)
+    hooks = [train_scalars_hook(tb), Hook("anomaly", lambda i: anomalies.on_step_metrics(i.step, i.metrics)),
+             console.hook(), saving.watch_hook()]
+    evals = None
+    if evaluator is not None and cfg.eval.every:
+        evals = PeriodicEval(evaluator, fetcher, tb, console.say, every=cfg.eval.every, last_step=total,
+                             start_step=start)
+        hooks.append(evals.hook())
+    if log.metrics_every:
+        measure = BitNetMetrics(graphdef, evaluator.batches[0] if evaluator and evaluator.batches else None)
+        hooks.append(Hook("metrics", lambda i: tb.scalars(i.step, measure(i.state.params)), every=log.metrics_every,
+                          steps=last_step_if(log.metrics_every), needs_state=True, timed=True))
+    samples_every = log.samples_every if log.prompts else 0
+    if samples_every:
+        sampler = Sampler(cfg, tokenizer, graphdef, paths.root, tb, write=tb.enabled)
+        hooks.append(Hook("samples", lambda i: anomalies.check_samples(i.step, sampler(i.step, i.state.params)),
+                          every=samples_every, steps=last_step_if(samples_every), needs_state=True, timed=True))
+    hooks.append(saving.save_hook())
+    return hooks, evals
+
+
+def device_batches(loader, start: int, anomalies, cfg: Config, mesh):
+    """The loader's host rows as global device batches; each batch's rows are kept for an anomaly dump
+    of the step it makes (and poisoned at ``train.debug_poison_step``, the NaN path's test switch)."""
+    from bitnet_jax import sharding
+    from bitnet_jax.anomaly import poison_if_due
+
+    for step, rows in enumerate(loader, start + 1):
+        rows = poison_if_due(rows, step, cfg.train.debug_poison_step, cfg.model.vocab_size)
+        anomalies.remember_batch(step, rows)
+        yield sharding.global_batch(rows, mesh)
 
 
 def print_summary(paths: RunPaths, summary: dict) -> None:
-    first, last = summary.get("first_loss"), summary.get("final_loss")
+    from bitnet_jax.console import command
+
+    first, last = summary.get("first"), summary.get("final_loss")
     print()
     if first is not None and last is not None:
-        drop = 100.0 * (1 - last / first)
-        print(f"train loss: {first:.4f} (step {summary['first_step']}) -> {last:.4f} (step {summary['step']}), "
+        drop = 100.0 * (1 - last / first[1])
+        print(f"train loss: {first[1]:.4f} (step {first[0]}) -> {last:.4f} (step {summary['step']}), "
               f"{drop:.1f}% lower")
+    if summary.get("skipped"):
+        print(f"skipped updates: {summary['skipped']} (non-finite loss or gradients; see {paths.root / 'anomalies'})")
     if summary.get("eval_loss") is not None:
         print(f"eval loss:  {summary['eval_loss']:.4f} (perplexity {math.exp(summary['eval_loss']):.1f})")
     if summary.get("median_step_ms"):
         tps = summary["tokens_per_step"] / (summary["median_step_ms"] / 1e3)
         print(f"speed:      {summary['median_step_ms']:.1f} ms/step, {tps:,.0f} tokens/s (median)")
     print(f"run directory: {paths.root}")
-    print(f"watch it:      tensorboard --logdir {paths.tb}   or   python status.py {paths.root}")
+    print(f"watch it:      {command('tensorboard', '--logdir', paths.tb)}   or   "
+          f"{command('python', 'status.py', paths.root)}")
     if summary.get("halted"):
         print(f"halted (train.on_nan=halt) at {summary['halted']}; nothing after the last good step was "
               f"saved; see {paths.root / 'anomalies'}")
@@ -307,7 +327,7 @@ def print_summary(paths: RunPaths, summary: dict) -> None:
                   f"{paths.root / 'checkpoints' / str(summary['step'])} --run-id NEW_ID --set data.data_files=... "
                   "(or --set data.repeat=true)")
         else:
-            print(f"resume with:   {resume_lib.resume_command(paths.root)}")
+            print(f"resume with:   {command('python', 'train.py', '--resume', paths.root)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,12 +349,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if group and not args.run_id:  # every process must write to the same run directory
             args.run_id = default_run_id(cfg, distributed.broadcast_from_first(int(time.time())))
+        inputs = read_inputs(cfg)  # before the run folder exists: a bad data file or tokenizer leaves nothing
         if plan and not plan.target.new_run:
             paths = RunPaths(plan.target.run_dir)
             (paths.root / "config.yaml").write_text(config_lib.dump(cfg))
         else:
             paths = prepare_run_dir(cfg, args.runs_dir, args.run_id)
-        summary = train(cfg, paths, resume=plan, stop_at=args.stop_at, run_eval=not args.no_eval)
+        summary = train(cfg, paths, inputs, resume=plan, stop_at=args.stop_at, run_eval=not args.no_eval)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

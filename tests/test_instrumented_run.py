@@ -3,6 +3,7 @@ samples, anomaly dumps, and never a NaN checkpoint; the generate CLI samples the
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -46,7 +47,7 @@ def run(tmp_path_factory):
     """24 steps with a poisoned batch at step 5, stopped at 12 and resumed to the end."""
     runs = tmp_path_factory.mktemp("runs")
     overrides = sets(TINY + ["eval.every=8", "log.metrics_every=8", "log.samples_every=12", "checkpoint.every=8",
-                             "train.debug_poison_step=5", "log.peak_flops=1e12"])
+                             "train.debug_poison_step=5", "log.peak_flops=1e12", "log.print_every=4"])
     first = train("--config", "configs/tiny.yaml", "--runs-dir", str(runs), "--run-id", "main", "--stop-at", "12",
                   *overrides)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -164,6 +165,31 @@ def test_progress_bar_is_quiet_off_a_terminal_but_the_summary_prints(run):
     for proc in (first, second):
         assert "step/s" not in proc.stderr and "s/step" not in proc.stderr
         assert "train loss:" in proc.stdout and "run directory:" in proc.stdout
+
+
+def test_a_run_talks_in_a_log_while_it_trains(run):
+    """stdout is a pipe here, as under nohup or SLURM: the start block, a line every log.print_every
+    steps, evals, saved checkpoints and the anomaly warning all print as they happen, once each."""
+    run_dir, first, second = run
+    for proc, start in ((first, "step 0 (new run)"), (second, f"resumed from {run_dir / 'checkpoints' / '12'} (step 12)")):
+        out = proc.stdout
+        for row in (f"run directory:   {run_dir}", "config:          tiny", "tokens per step: 128 (4 x 32)",
+                    "devices:", "mesh {'data': 1, 'fsdp': 1}", "steps:           24", f"start:           {start}"):
+            assert row in out, row
+    lines = lambda out: re.findall(r"^step +(\d+)/24 \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d,]+ tok/s \| mfu [\d.]+% "
+                                   r"\| eta ", out, re.M)
+    # The session's first step, then every 4th; a line after 60 s of silence may come in between.
+    periodic = lambda out: [int(s) for s in lines(out) if int(s) % 4 == 0 or int(s) in (1, 13)]
+    assert periodic(first.stdout) == [1, 4, 8, 12] and periodic(second.stdout) == [13, 16, 20, 24]
+    assert "eval at step 8: loss" in first.stdout
+    assert "eval at step 16: loss" in second.stdout and "eval at step 24: loss" in second.stdout
+    for proc, steps in ((first, (8, 12)), (second, (16, 24))):
+        for step in steps:
+            assert len(re.findall(rf"^checkpoint {step} saved", proc.stdout, re.M)) == 1, (step, proc.stdout)
+    warning = [line for line in first.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "nonfinite at step 5" in warning[0]
+    assert str(run_dir / "anomalies" / "5_nonfinite") in warning[0]
+    assert "NaN or Inf" not in first.stdout + first.stderr  # the project's warning is the only message
 
 
 def test_generate_cli_samples_a_checkpoint(run):

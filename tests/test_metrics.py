@@ -7,6 +7,7 @@ import pytest
 
 from bitnet_jax import metrics as metrics_lib
 from bitnet_jax.eventfile import EventLog
+from bitnet_jax.hooks import StepInfo
 
 
 class FakeClock:
@@ -28,24 +29,28 @@ def test_metrics_are_fetched_one_step_behind_without_hook_time(tmp_path, monkeyp
     clock = FakeClock()
     monkeypatch.setattr(metrics_lib.time, "perf_counter", clock)
     tb = metrics_lib.TensorBoard(tmp_path)
-    m = metrics_lib.StepMetrics(tb, tokens_per_step=1000, flops_per_token=6e6, peak_flops_total=1e12)
+    m = metrics_lib.StepMetrics(tokens_per_step=1000, flops_per_token=6e6, peak_flops_total=1e12)
+    write = metrics_lib.train_scalars_hook(tb).fn
     seen = []
-    m.listeners.append(lambda step, host: seen.append(step))
+
+    def fetched(infos):
+        for step, host in infos:
+            seen.append(step)
+            write(StepInfo(step, host))
 
     m.start_clock()
     clock.now += 0.5
-    m.push(1, _device_metrics(1))
+    fetched(m.push(1, _device_metrics(1)))
     assert seen == []  # step 1 is still in flight: pushing it fetches nothing
     clock.now += 0.25
-    m.push(2, _device_metrics(2))
+    fetched(m.push(2, _device_metrics(2)))
     assert seen == [1]  # pushing step 2 fetched step 1, not step 2
 
-    mark = m.pause_clock()  # a hook runs for 10 s between steps: not step time
-    clock.now += 10.0
-    m.resume_clock(mark)
+    with m.paused():  # a hook runs for 10 s between steps: not step time
+        clock.now += 10.0
     clock.now += 0.2
-    m.push(3, _device_metrics(3))
-    m.flush()
+    fetched(m.push(3, _device_metrics(3)))
+    fetched(m.flush())
     assert seen == [1, 2, 3]
     tb.close()
 
@@ -66,14 +71,13 @@ def test_metrics_are_fetched_one_step_behind_without_hook_time(tmp_path, monkeyp
 def test_recent_losses_survive_a_checkpoint_for_the_eval_gap(tmp_path):
     import json
 
-    tb = metrics_lib.TensorBoard(tmp_path, enabled=False)
-    before = metrics_lib.StepMetrics(tb, tokens_per_step=10, flops_per_token=1.0, peak_flops_total=None)
+    before = metrics_lib.StepMetrics(tokens_per_step=10, flops_per_token=1.0, peak_flops_total=None)
     before.start_clock()
     for step in range(1, 8):
         before.push(step, _device_metrics(step))
     before.flush()
     saved = json.loads(json.dumps(before.state_dict()))  # it goes through the checkpoint's JSON meta
-    after = metrics_lib.StepMetrics(tb, tokens_per_step=10, flops_per_token=1.0, peak_flops_total=None)
+    after = metrics_lib.StepMetrics(tokens_per_step=10, flops_per_token=1.0, peak_flops_total=None)
     after.load_state_dict(saved)
     assert list(after.losses) == list(before.losses)
     assert after.mean_loss_since(4) == before.mean_loss_since(4) == pytest.approx(np.mean([2.5, 2.0, 1.5]))
