@@ -93,6 +93,19 @@ class Generation:
     stopped_at_eos: list[bool]
 
 
+def padded_length(prompt_len: int, max_new_tokens: int, max_positions: int) -> int:
+    """The bucket a prompt is padded to; raises ValueError if prompt + new tokens do not fit."""
+    if prompt_len < 1:
+        raise ValueError("the prompt is empty: give at least one token (the tokenizer's BOS counts)")
+    if prompt_len + max_new_tokens > max_positions:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model's "
+            f"{max_positions} positions (model.max_position_embeddings); shorten the prompt or "
+            "lower max_new_tokens")
+    bucket = PROMPT_BUCKET * math.ceil(prompt_len / PROMPT_BUCKET)
+    return min(bucket, max_positions - max_new_tokens)
+
+
 class Generator:
     """``Generator(graphdef, eos_id)(params, prompt_ids, samplings, max_new_tokens, key)``.
 
@@ -107,16 +120,7 @@ class Generator:
         self._jitted = jax.jit(self._generate, static_argnames=("max_new_tokens",))
 
     def padded_length(self, prompt_len: int, max_new_tokens: int) -> int:
-        """The bucket a prompt is padded to; raises ValueError if prompt + new tokens do not fit."""
-        if prompt_len < 1:
-            raise ValueError("the prompt is empty: give at least one token (the tokenizer's BOS counts)")
-        if prompt_len + max_new_tokens > self.max_positions:
-            raise ValueError(
-                f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model's "
-                f"{self.max_positions} positions (model.max_position_embeddings); shorten the prompt or "
-                "lower max_new_tokens")
-        bucket = PROMPT_BUCKET * math.ceil(prompt_len / PROMPT_BUCKET)
-        return min(bucket, self.max_positions - max_new_tokens)
+        return padded_length(prompt_len, max_new_tokens, self.max_positions)
 
     def __call__(self, params, prompt_ids: Sequence[int], samplings: Sequence[Sampling],
                  max_new_tokens: int, key: jax.Array) -> Generation:

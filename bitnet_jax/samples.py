@@ -16,7 +16,7 @@ import jax
 from flax import nnx
 
 from bitnet_jax.config import Config, ConfigError
-from bitnet_jax.generation import MODES, Generator, repeated_ngram_fraction
+from bitnet_jax.generation import MODES, Generator, padded_length, repeated_ngram_fraction
 
 SAMPLES_KEY_OFFSET = 2  # sampling keys derive from train.seed + 2 (the model uses seed, the state seed + 1)
 
@@ -27,10 +27,20 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return head + tokenizer.encode(prompt)
 
 
+def checked_prompts(cfg: Config, tokenizer) -> list[tuple[str, list[int]]]:
+    """``log.prompts`` with their ids; a ConfigError names the first prompt that does not fit the model."""
+    prompts = [(p, prompt_ids(tokenizer, p)) for p in cfg.log.prompts]
+    for i, (text, ids) in enumerate(prompts):
+        try:
+            padded_length(len(ids), cfg.log.max_new_tokens, cfg.model.max_position_embeddings)
+        except ValueError as e:
+            raise ConfigError(f"log.prompts[{i}] ({text[:40]!r}): {e}") from None
+    return prompts
+
+
 class Sampler:
     """``sampler(step, params)`` writes the samples of ``step`` and returns their records (with their
-    token ids, for the anomaly detector). Prompts that do not fit the model are refused here, before
-    any compute."""
+    token ids, for the anomaly detector)."""
 
     def __init__(self, cfg: Config, tokenizer, graphdef: nnx.GraphDef, run_dir: Path, tb, *,
                  write: bool = True):
@@ -41,12 +51,7 @@ class Sampler:
         self.jsonl = Path(run_dir) / "samples.jsonl"
         self.generator = Generator(graphdef, max_positions=cfg.model.max_position_embeddings,
                                    eos_id=tokenizer.eos_id)
-        self.prompts = [(p, prompt_ids(tokenizer, p)) for p in cfg.log.prompts]
-        for i, (text, ids) in enumerate(self.prompts):
-            try:
-                self.generator.padded_length(len(ids), cfg.log.max_new_tokens)
-            except ValueError as e:
-                raise ConfigError(f"log.prompts[{i}] ({text[:40]!r}): {e}") from None
+        self.prompts = checked_prompts(cfg, tokenizer)
         self.base_key = jax.random.PRNGKey(cfg.train.seed + SAMPLES_KEY_OFFSET)
 
     def __call__(self, step: int, params) -> list[dict[str, Any]]:

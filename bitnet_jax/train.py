@@ -138,12 +138,17 @@ class RunInputs:
 
 
 def read_inputs(cfg: Config) -> RunInputs:
+    """The tokenizer (checked against the model and the prompts) and the held-out set, whose reading
+    opens the data source: every input a start can get wrong, checked before anything is written."""
     from bitnet_jax.data import check_vocab, load_tokenizer
     from bitnet_jax.data.heldout import heldout_set
     from bitnet_jax.data.sources import source_spec
 
+    from bitnet_jax.samples import checked_prompts
+
     tokenizer = load_tokenizer(cfg.tokenizer)
     check_vocab(cfg, tokenizer)
+    checked_prompts(cfg, tokenizer)
     return RunInputs(tokenizer, heldout_set(cfg, tokenizer, source_spec(cfg.data)))
 
 

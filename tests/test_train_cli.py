@@ -32,6 +32,11 @@ def test_dry_run_of_the_95m_config():
     (["--set", "train.stepz=3"], "unknown config key train.stepz"),
     (["--set", "model.hidden_size=130"], "divisible by model.num_attention_heads"),
     (["--set", "train.seq_len=1024"], "above model.max_position_embeddings"),
+    # Inputs read before the run folder is made: a failed start leaves nothing behind.
+    (["--set", "data.source=local", "--set", "data.data_files=/nonexistent/x.txt"],
+     "data.data_files: '/nonexistent/x.txt' does not exist"),
+    (["--set", "tokenizer.name_or_path=/nonexistent/tok.json"], "tokenizer.name_or_path '/nonexistent/tok.json' does not exist"),
+    (["--set", "log.prompts=[" + "word " * 300 + "]"], "log.prompts[0]"),
 ])
 def test_bad_config_exits_2_before_compute(tmp_path, args, message):
     out = run_train("--config", "configs/tiny.yaml", "--runs-dir", str(tmp_path), *args)
