@@ -18,6 +18,7 @@ from bitnet_jax import distributed
 from bitnet_jax import resume as resume_lib
 from bitnet_jax.checkpoint import complete_steps
 from bitnet_jax.config import Config, ConfigError
+from bitnet_jax.units import format_count
 
 
 # --------------------------------------------------------------------------- CLI
@@ -43,14 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (env JAX_NUM_PROCESSES)")
     g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (env JAX_PROCESS_ID)")
     return p.parse_args(argv)
-
-
-def format_count(n: float) -> str:
-    """1_966_080_000 -> '1.97B'."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}".rstrip("0").rstrip(".") + unit
-    return str(int(n))
 
 
 def default_run_id(cfg: Config, stamp: int | None = None) -> str:
