@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bitnet_jax.hooks import Hook, StepInfo
-from bitnet_jax.status import format_duration
+from bitnet_jax.units import format_duration
 
 MAX_SILENCE_S = 60.0  # a progress line at least this often, whatever log.print_every says
 

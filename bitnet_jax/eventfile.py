@@ -10,7 +10,10 @@ when torch is installed (~0.9 s). Instead:
   does not match, ends the read, and the next read starts again at that record. The CRCs matter: a
   file's size can grow before its bytes land (network file systems, preallocation), and a tail of
   zero bytes reads as complete records of length 0 or as zeroed data, which would be consumed and
-  lost for good. Both CRCs of all records are checked at once with numpy (``crc32c``).
+  lost for good. Both CRCs of all records are checked at once with numpy (``crc32c``). A bad
+  record followed by valid ones is damage, not a tail still being written: the reader scans for
+  the next offset where a whole record's length and data CRCs match, reads on from there, and
+  lists the skipped bytes (``EventFileReader.damaged``).
 - the common record, one ``simple_value`` scalar (what ``SummaryWriter.add_scalar`` writes), is
   decoded for all records at once with numpy (exact: the float32 value and float64 wall time are
   reinterpreted, not converted);
@@ -50,19 +53,10 @@ class DecodeError(ValueError):
 
 # --------------------------------------------------------------------------- framing
 
-def frame_records(buf: bytes | bytearray, start: int = 0, end: int | None = None) -> tuple[list[int], int]:
-    """Offsets of the complete, CRC-checked TFRecords in ``buf[start:end]``.
-
-    Returns ``(offsets, stop)``: the header offset of every complete record, and the offset just
-    after the last one (where the next read must begin: an incomplete record, or one whose length or
-    data CRC does not match yet, and everything after it, is read again later).
-    """
-    offsets, stop = _frame(buf, start, end)
-    return offsets.tolist(), stop
-
-
 def _frame(buf: bytes | bytearray, start: int = 0, end: int | None = None) -> tuple[np.ndarray, int]:
-    """``frame_records`` with the offsets as an int64 array."""
+    """Header offsets (int64) of the run of complete, CRC-checked TFRecords that starts at
+    ``buf[start]``, and the offset just after the last of them: where an incomplete record, or one
+    whose length or data CRC does not match, begins (``_resync`` decides which of the two it is)."""
     n = len(buf) if end is None else end
     unpack = struct.Struct("<QI").unpack_from
     found = array.array("q")
@@ -86,24 +80,65 @@ def _frame(buf: bytes | bytearray, start: int = 0, end: int | None = None) -> tu
     return offsets, pos
 
 
-def _first_crc_mismatch(buf: bytes | bytearray, starts: np.ndarray) -> int | None:
-    """Index of the first record (by header offset) whose length or data CRC does not match."""
-    b = np.frombuffer(buf, np.uint8)
-    lengths = sliding_window_view(b, 8)[starts].copy().view("<u8")[:, 0].astype(np.int64)
-    stored_length_crc = sliding_window_view(b, 4)[starts + 8].copy().view("<u4")[:, 0]
-    stored_data_crc = sliding_window_view(b, 4)[starts + _HEADER + lengths].copy().view("<u4")[:, 0]
-    # The length's CRC depends on the length alone: looked up for lengths under 2^16 (all records of
-    # a summary writer, in practice), computed for the rest.
+def _length_crc_ok(b: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Whether each header's stored CRC matches its length. The CRC depends on the length alone:
+    looked up for lengths under 2^16 (all records of a summary writer, in practice), computed for
+    the rest."""
+    stored = sliding_window_view(b, 4)[starts + 8].copy().view("<u4")[:, 0]
     small = lengths < len(_length_crcs())
     expected = np.empty(len(starts), np.uint32)
     expected[small] = _length_crcs()[lengths[small]]
     if not small.all():
         big = np.flatnonzero(~small)
         expected[big] = masked_crc(crc32c(b, starts[big], np.full(len(big), 8, np.int64)))
-    ok = expected == stored_length_crc
-    ok &= masked_crc(crc32c(b, starts + _HEADER, lengths)) == stored_data_crc
+    return expected == stored
+
+
+def _data_crc_ok(b: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    stored = sliding_window_view(b, 4)[starts + _HEADER + lengths].copy().view("<u4")[:, 0]
+    return masked_crc(crc32c(b, starts + _HEADER, lengths)) == stored
+
+
+def _first_crc_mismatch(buf: bytes | bytearray, starts: np.ndarray) -> int | None:
+    """Index of the first record (by header offset) whose length or data CRC does not match."""
+    b = np.frombuffer(buf, np.uint8)
+    lengths = sliding_window_view(b, 8)[starts].copy().view("<u8")[:, 0].astype(np.int64)
+    ok = _length_crc_ok(b, starts, lengths) & _data_crc_ok(b, starts, lengths)
     bad = np.flatnonzero(~ok)
     return int(bad[0]) if len(bad) else None
+
+
+_SCAN = 1 << 18  # candidate offsets checked per numpy pass while resynchronising
+
+
+def _resync(buf: bytes | bytearray, pos: int, end: int) -> int | None:
+    """Where the records start again after the unreadable bytes at ``buf[pos]``, or None to wait.
+
+    None when the bytes at ``pos`` may still become a record: a header not all there, or a valid
+    header whose data is not all there (the writer is appending). Otherwise the record at ``pos`` is
+    damaged if a complete record with a matching length CRC and data CRC starts later in the
+    buffer: the first such offset is returned (two 32-bit CRCs matching by chance: 1 in 2^64 per
+    offset); zeros (a file whose size grew before its bytes landed) never match, so a zero-filled
+    tail still waits."""
+    if pos + _HEADER > end:
+        return None
+    b = np.frombuffer(buf, np.uint8)
+    (length,) = struct.unpack_from("<Q", buf, pos)
+    incomplete = pos + _HEADER + length + _FOOTER > end
+    if incomplete and _length_crc_ok(b, np.array([pos]), np.array([length], np.uint64))[0]:
+        return None
+    last = end - _HEADER - _FOOTER  # the last offset at which an (empty) record still fits
+    for lo in range(pos + 1, last + 1, _SCAN):
+        cand = np.arange(lo, min(lo + _SCAN, last + 1), dtype=np.int64)
+        lengths = sliding_window_view(b, 8)[cand].copy().view("<u8")[:, 0]
+        fits = lengths <= (last - cand).astype(np.uint64)
+        cand, lengths = cand[fits], lengths[fits].astype(np.int64)
+        keep = _length_crc_ok(b, cand, lengths)
+        cand, lengths = cand[keep], lengths[keep]
+        hits = cand[_data_crc_ok(b, cand, lengths)] if len(cand) else cand
+        if len(hits):
+            return int(hits[0])
+    return None
 
 
 # --------------------------------------------------------------------------- CRC32C, vectorised
@@ -387,15 +422,6 @@ def _decode_value(buf, pos: int, end: int) -> Value:
     return Value(tag, scalar, text)
 
 
-def iter_events(path: str | Path) -> Iterator[Event]:
-    """Every complete event of one file, in file order (a torn last record is left out)."""
-    buf = Path(path).read_bytes()
-    offsets, _ = frame_records(buf)
-    for off in offsets:
-        (length,) = struct.unpack_from("<Q", buf, off)
-        yield decode_event(buf, off + _HEADER, off + _HEADER + length)
-
-
 # --------------------------------------------------------------------------- vectorised scalars
 
 def _decode_simple_scalars(b: np.ndarray, data_start: np.ndarray, data_end: np.ndarray):
@@ -496,7 +522,9 @@ class TextEvent(NamedTuple):
 
 class EventFileReader:
     """Reads one event file incrementally: each ``read()`` decodes only the bytes appended since the
-    previous one, and leaves an incomplete last record for the next call."""
+    previous one, and leaves an incomplete last record for the next call. Damaged bytes in the
+    middle (records that will never become valid, followed by valid ones) are skipped and listed in
+    ``damaged`` as ``(file offset, bytes skipped)``."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -510,7 +538,7 @@ class EventFileReader:
         self._chunks: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         self._series: dict[str, Series] = {}
         self.texts: dict[str, list[TextEvent]] = {}
-        self.undecodable = 0  # records that are not Event messages (skipped)
+        self.damaged: list[tuple[int, int]] = []
 
     def read(self) -> int:
         """Reads what was appended since the last call; returns the number of new records."""
@@ -529,12 +557,19 @@ class EventFileReader:
                 got = f.readinto(memoryview(buf)[: size - self.offset])
         except FileNotFoundError:  # removed since the stat
             return 0
-        starts, stop = _frame(buf, 0, got)
-        if len(starts):
-            self._decode(buf, starts, stop)
+        new, pos = 0, 0
+        while True:
+            starts, stop = _frame(buf, pos, got)
+            if len(starts):
+                self._decode(buf, starts, stop)
+            new += len(starts)
+            pos = _resync(buf, stop, got) if stop < got else None
+            if pos is None:
+                break
+            self.damaged.append((self.offset + stop, pos - stop))
         self.offset += stop
-        self.records += len(starts)
-        return len(starts)
+        self.records += new
+        return new
 
     def _decode(self, buf: bytearray, starts: np.ndarray, stop: int) -> None:
         b = np.frombuffer(buf, np.uint8)
@@ -550,8 +585,7 @@ class EventFileReader:
         for i in np.flatnonzero(~ok).tolist():
             try:
                 ev = decode_event(buf, int(data_start[i]), int(data_end[i]))
-            except DecodeError:
-                self.undecodable += 1
+            except DecodeError:  # a framed record that is no Event message: nothing a report reads
                 continue
             if first_slow is None:
                 first_slow = (i, ev.wall_time)
@@ -657,6 +691,11 @@ class EventLog:
     def last_wall_time(self) -> float | None:
         times = [r.last_wall_time for r in self.readers.values() if r.last_wall_time is not None]
         return max(times) if times else None
+
+    @property
+    def damaged(self) -> list[tuple[Path, int, int]]:
+        """``(file, offset, bytes skipped)`` of every damaged stretch read past, oldest file first."""
+        return [(r.path, offset, size) for r in self._order for offset, size in r.damaged]
 
     @property
     def last_modified(self) -> float | None:

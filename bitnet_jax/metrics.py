@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from bitnet_jax.hooks import Hook, StepInfo
+from bitnet_jax.tb_layout import CUSTOM_SCALARS
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (SXM parts; the first matching
 # name wins, so the PCIe and NVL H100s, slower parts, are listed before the SXM one).
@@ -43,7 +44,10 @@ def device_peak_flops(device: jax.Device | None = None) -> float | None:
 
 
 class TensorBoard:
-    """A thin tensorboardX writer; tags are DESIGN's (``train/loss``, ``eval/loss``, ...)."""
+    """A thin tensorboardX writer; tags are DESIGN's (``train/loss``, ``eval/loss``, ...).
+
+    On opening it writes the Custom Scalars layout (``tb_layout``): each process start writes one
+    into its own event file, and TensorBoard shows the newest."""
 
     def __init__(self, log_dir: Path, enabled: bool = True):
         self._writer = None
@@ -53,6 +57,7 @@ class TensorBoard:
             # The pid in the name keeps two writers opened in the same second (a restart) apart.
             self._writer = SummaryWriter(str(log_dir), flush_secs=10, max_queue=1000,
                                          filename_suffix=f".{os.getpid()}")
+            self._writer.add_custom_scalars(CUSTOM_SCALARS)
             # A non-finite loss is logged as it is and reported once, by the run's own warning line.
             logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 
@@ -67,12 +72,15 @@ class TensorBoard:
             self._writer.add_scalar(tag, float(value), step)
 
     def text(self, step: int, tag: str, text: str) -> None:
+        """Text under exactly ``tag``: ``add_text`` would append ``/text_summary`` to it. Stored as
+        a scalar string, which TensorBoard renders as one Markdown document (not a one-cell table)."""
         if self._writer is not None:
-            self._writer.add_text(tag, text, step)
+            from tensorboardX.summary import text as text_summary
 
-    def histogram(self, step: int, tag: str, values: np.ndarray) -> None:
-        if self._writer is not None:
-            self._writer.add_histogram(tag, values, step)
+            summary = text_summary(tag, text)
+            summary.value[0].tag = tag
+            summary.value[0].tensor.tensor_shape.Clear()
+            self._writer.file_writer.add_summary(summary, step)
 
     def flush(self) -> None:
         if self._writer is not None:

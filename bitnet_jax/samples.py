@@ -1,8 +1,9 @@
 """The periodic sampling hook: every ``log.samples_every`` steps, each prompt of ``log.prompts`` is
 continued in the three modes (greedy, typical, stress; one batch of 3 rows per prompt).
 
-Each continuation goes to TensorBoard as text ``samples/<prompt index>/<mode>`` (the generated text
-only, without the prompt) and to ``samples.jsonl`` as one line
+Each continuation goes to TensorBoard as text ``samples/<prompt index>_<prompt's words>/<mode>``
+(the prompt and the generated text as two verbatim blocks: ``sample_text``) and to ``samples.jsonl``
+(the generated text only) as one line
 ``{"step", "prompt_index", "prompt", "mode", "text", "num_tokens", "entropy", "repetition"}``.
 """
 
@@ -17,6 +18,7 @@ from flax import nnx
 
 from bitnet_jax.config import Config, ConfigError
 from bitnet_jax.generation import MODES, Generator, padded_length, repeated_ngram_fraction
+from bitnet_jax.sample_text import sample_markdown, sample_tag
 
 SAMPLES_KEY_OFFSET = 2  # sampling keys derive from train.seed + 2 (the model uses seed, the state seed + 1)
 
@@ -76,7 +78,8 @@ class Sampler:
 
     def _write(self, step: int, records: list[dict[str, Any]]) -> None:
         for r in records:
-            self.tb.text(step, f"samples/{r['prompt_index']}/{r['mode']}", r["text"])
+            index, prompt, mode = r["prompt_index"], r["prompt"], r["mode"]
+            self.tb.text(step, sample_tag(index, prompt, mode), sample_markdown(index, prompt, mode, r["text"], step))
         with open(self.jsonl, "a", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps({k: v for k, v in r.items() if k != "tokens"}, ensure_ascii=False) + "\n")

@@ -21,8 +21,6 @@ import optax
 
 from bitnet_jax.config import Config
 
-STAGE_NAMES = {1: "high LR + weight decay", 2: "cooldown, no weight decay"}
-
 
 def _shape(kind: str, remaining):
     """The decay factor from the fraction of the stage's horizon still ahead, ``1 - p``.

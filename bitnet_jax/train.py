@@ -18,6 +18,7 @@ from bitnet_jax import distributed
 from bitnet_jax import resume as resume_lib
 from bitnet_jax.checkpoint import complete_steps
 from bitnet_jax.config import Config, ConfigError
+from bitnet_jax.units import format_count
 
 
 # --------------------------------------------------------------------------- CLI
@@ -43,14 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (env JAX_NUM_PROCESSES)")
     g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (env JAX_PROCESS_ID)")
     return p.parse_args(argv)
-
-
-def format_count(n: float) -> str:
-    """1_966_080_000 -> '1.97B'."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}".rstrip("0").rstrip(".") + unit
-    return str(int(n))
 
 
 def default_run_id(cfg: Config, stamp: int | None = None) -> str:
@@ -335,8 +328,32 @@ def print_summary(paths: RunPaths, summary: dict) -> None:
             print(f"resume with:   {command('python', 'train.py', '--resume', paths.root)}")
 
 
+def end_of(summary: dict) -> tuple[str, str, int]:
+    """``(state, reason, exit code)`` of a run that returned: what end.json records."""
+    if summary.get("halted"):
+        return "halted", f"{summary['halted']} (train.on_nan=halt)", 3
+    if summary.get("stopped_by"):
+        return "stopped", f"stopped by {summary['stopped_by']}", 0
+    return "finished", f"train.steps = {summary['total_steps']} reached", 0
+
+
+def record_end(paths: RunPaths | None, state: str, step: int | None, reason: str, exit_code: int) -> None:
+    """Writes RUN_DIR/end.json for status.py (process 0 only). Never raises: a full disk must not
+    replace the message that explains the exit."""
+    jax = sys.modules.get("jax")
+    if paths is None or (jax is not None and jax.process_index() != 0):
+        return
+    from bitnet_jax.end_record import write_end_record
+
+    try:
+        write_end_record(paths.root, state, step, reason.splitlines()[0][:300] if reason else "", exit_code)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    paths = None
     try:
         group = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
         distributed.initialize(group)  # before any device is touched; no-op for one process
@@ -363,6 +380,15 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(cfg, paths, inputs, resume=plan, stop_at=args.stop_at, run_eval=not args.no_eval)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        record_end(paths, "failed", None, str(e), 2)
         return 2
+    except KeyboardInterrupt:
+        record_end(paths, "stopped", None, "a second Ctrl-C (the current step was not saved)", 130)
+        raise
+    except BaseException as e:
+        record_end(paths, "failed", None, f"{type(e).__name__}: {e}", 1)
+        raise
     print_summary(paths, summary)
-    return 3 if summary.get("halted") else 0
+    state, reason, code = end_of(summary)
+    record_end(paths, state, summary["step"], reason, code)
+    return code

@@ -28,8 +28,8 @@ def make_detector(tmp_path, tokenizer, *overrides):
 def read_events(tb_dir):
     ea = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "tensors": 0})
     ea.Reload()
-    texts = {t.removesuffix("/text_summary"): [(e.step, e.tensor_proto.string_val[0].decode()) for e in ea.Tensors(t)]
-             for t in ea.Tags()["tensors"]}
+    texts = {t: [(e.step, e.tensor_proto.string_val[0].decode()) for e in ea.Tensors(t)]
+             for t in ea.Tags()["tensors"] if ea.SummaryMetadata(t).plugin_data.plugin_name == "text"}
     count = [(e.step, e.value) for e in ea.Scalars("anomaly/count")] if "anomaly/count" in ea.Tags()["scalars"] else []
     return texts, count
 

@@ -8,14 +8,29 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pytest
 from tensorboardX import SummaryWriter
 from tensorboardX.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
 
 from bitnet_jax import eventfile
-from bitnet_jax.eventfile import (EventFileReader, EventLog, crc32c, decode_event, frame_records, iter_events,
-                                   masked_crc)
+from bitnet_jax.eventfile import EventFileReader, EventLog, crc32c, decode_event, masked_crc
 
 WALL = 1_700_000_000.0
+
+
+def frame_records(buf: bytes) -> tuple[list[int], int]:
+    """The header offsets of the contiguous run of complete, CRC-checked records at the start of
+    ``buf``, and where it ends (the reader's framing step, before any resynchronisation)."""
+    offsets, stop = eventfile._frame(buf)
+    return offsets.tolist(), stop
+
+
+def iter_events(path: Path):
+    """Every complete event of one file, in file order, through the public ``decode_event``."""
+    buf = path.read_bytes()
+    for off in frame_records(buf)[0]:
+        (length,) = struct.unpack_from("<Q", buf, off)
+        yield decode_event(buf, off + 12, off + 12 + length)
 
 
 def _write(folder: Path, scalars=(), texts=(), suffix: str = "") -> Path:
@@ -270,7 +285,9 @@ def test_zero_filled_tail_is_left_for_later_and_read_once_the_bytes_land(tmp_pat
         assert reader.offset == len(whole)
 
 
-def test_a_record_with_a_bad_crc_stops_the_read_there(tmp_path):
+def test_a_record_with_a_bad_crc_stops_the_framing_there(tmp_path):
+    """The framing step stops at a bad record; whether the reader then reads on past it (damage) or
+    waits (a tail still landing) is ``_resync``'s decision, tested below."""
     path = _write(tmp_path, [("x", s, 1.0) for s in range(1, 6)])
     records = _records(path)
     for where in (0, 8, 12, -1):  # a bit flipped in the length, its CRC, the data, the data's CRC
@@ -281,3 +298,55 @@ def test_a_record_with_a_bad_crc_stops_the_read_there(tmp_path):
         assert (len(offsets), stop) == (3, len(b"".join(records[:3]))), where
     zeros = b"".join(records) + bytes(4096)
     assert frame_records(zeros) == (frame_records(b"".join(records))[0], len(b"".join(records)))
+
+
+# --------------------------------------------------------------------------- damage in the middle
+
+@pytest.mark.parametrize("where", [0, 7, 8, 12, 20, -1])  # length (low and high byte), its CRC, data, data CRC
+def test_a_damaged_record_in_the_middle_is_skipped_and_reported(tmp_path, where):
+    path = _write(tmp_path, [("train/loss", s, s / 4) for s in range(1, 101)])
+    records = _records(path)
+    at = len(b"".join(records[:40]))  # record 40 holds step 40
+    buf = bytearray(path.read_bytes())
+    buf[at + where if where >= 0 else at + len(records[40]) + where] ^= 0x5A
+    path.write_bytes(bytes(buf))
+    reader = EventFileReader(path)
+    assert reader.read() == len(records) - 1
+    assert reader.raw_series("train/loss").steps.tolist() == [s for s in range(1, 101) if s != 40]
+    assert reader.raw_series("train/loss").values.tolist() == [s / 4 for s in range(1, 101) if s != 40]
+    assert reader.damaged == [(at, len(records[40]))]
+    assert reader.offset == len(buf) and reader.read() == 0
+
+
+def test_damage_is_decided_only_once_valid_records_follow_it(tmp_path):
+    """A bad record at the end may be one still landing: the reader waits there; once the writer
+    appends valid records behind it, it is damage, skipped and reported."""
+    path = _write(tmp_path, [("x", s, float(s)) for s in range(1, 21)])
+    records = _records(path)
+    bad = bytearray(records[10])
+    bad[-6] ^= 0x01  # inside the data
+    live = tmp_path / "live" / path.name
+    live.parent.mkdir()
+    live.write_bytes(b"".join(records[:10]) + bytes(bad))
+    reader = EventFileReader(live)
+    assert reader.read() == 10 and reader.damaged == [] and reader.offset == len(b"".join(records[:10]))
+    with open(live, "ab") as f:
+        f.write(b"".join(records[11:]))
+    assert reader.read() == len(records) - 11
+    assert reader.raw_series("x").steps.tolist() == [s for s in range(1, 21) if s != 10]
+    assert reader.damaged == [(len(b"".join(records[:10])), len(records[10]))]
+
+
+def test_a_zeroed_stretch_and_two_damaged_spots_are_each_skipped(tmp_path):
+    path = _write(tmp_path, [("x", s, float(s)) for s in range(1, 61)])
+    records = _records(path)
+    starts = np.cumsum([0] + [len(r) for r in records])
+    buf = bytearray(path.read_bytes())
+    buf[starts[10]:starts[13]] = bytes(starts[13] - starts[10])  # records 10-12 zeroed (a hole in the file)
+    buf[starts[50] + 15] ^= 0xFF
+    path.write_bytes(bytes(buf))
+    log = EventLog(tmp_path)
+    log.update()
+    assert log.scalars("x").steps.tolist() == [s for s in range(1, 61) if s not in (10, 11, 12, 50)]
+    assert log.damaged == [(path, int(starts[10]), int(starts[13] - starts[10])),
+                           (path, int(starts[50]), len(records[50]))]

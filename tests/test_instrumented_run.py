@@ -15,6 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from bitnet_jax.config import ModelConfig
 from bitnet_jax.metrics import device_peak_flops
 from bitnet_jax.model import flops_per_token
+from bitnet_jax.sample_text import parse_sample_markdown, sample_tag
+from bitnet_jax.tb_layout import CUSTOM_SCALARS
 from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -37,8 +39,8 @@ def events(run_dir):
     ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "tensors": 0})
     ea.Reload()
     scalars = {t: {e.step: e.value for e in ea.Scalars(t)} for t in ea.Tags()["scalars"]}
-    texts = {t.removesuffix("/text_summary"): {e.step: e.tensor_proto.string_val[0].decode() for e in ea.Tensors(t)}
-             for t in ea.Tags()["tensors"]}
+    texts = {t: {e.step: e.tensor_proto.string_val[0].decode() for e in ea.Tensors(t)}
+             for t in ea.Tags()["tensors"] if ea.SummaryMetadata(t).plugin_data.plugin_name == "text"}
     return scalars, texts
 
 
@@ -86,11 +88,23 @@ def test_every_design_tag_is_written(run):
             # resume at 12 (step 16) has no flip rate.
             assert sorted(scalars[f"{prefix}/flip_rate"]) == [24]
     assert sorted(scalars["time/metrics_ms"]) == [8, 16, 24]
-    for index in range(3):
+    for index, prompt in enumerate(("The meaning of", "A function is", "In Python,")):
         for mode in MODES:
-            assert sorted(texts[f"samples/{index}/{mode}"]) == [12, 24]
+            assert sorted(texts[sample_tag(index, prompt, mode)]) == [12, 24]
     assert sorted(scalars["time/samples_ms"]) == [12, 24]
     assert "step 5:" in texts["anomaly/nonfinite"][5] and scalars["anomaly/count"] == {5: 1.0}
+
+
+def test_custom_scalars_layout_covers_every_scalar_the_run_wrote(run):
+    import re
+
+    run_dir, _, _ = run
+    scalars, _ = events(run_dir)
+    charts = {(category, title): tags for category, cs in CUSTOM_SCALARS.items() for title, (_, tags) in cs.items()}
+    for chart, regexes in charts.items():  # no chart stays empty on a real run (tags renamed, say)
+        assert any(re.match(r, tag) for r in regexes for tag in scalars), chart
+    for tag in scalars:  # and no curve is missing from the layout
+        assert any(re.match(r, tag) for regexes in charts.values() for r in regexes), tag
 
 
 def test_poisoned_batch_is_skipped_dumped_and_never_checkpointed(run):
@@ -155,7 +169,8 @@ def test_samples_jsonl_matches_tensorboard_text(run):
     assert len(lines) == 2 * 3 * 3
     for rec in lines:
         assert {"step", "prompt_index", "prompt", "mode", "text"} <= set(rec)
-        assert rec["text"] == texts[f"samples/{rec['prompt_index']}/{rec['mode']}"][rec["step"]]
+        body = texts[sample_tag(rec["prompt_index"], rec["prompt"], rec["mode"])][rec["step"]]
+        assert parse_sample_markdown(body) == (rec["prompt"], rec["text"])  # verbatim, with its prompt
         assert 0 < rec["num_tokens"] <= 8
     assert {r["prompt"] for r in lines} == {"The meaning of", "A function is", "In Python,"}
 

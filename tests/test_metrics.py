@@ -81,3 +81,34 @@ def test_recent_losses_survive_a_checkpoint_for_the_eval_gap(tmp_path):
     after.load_state_dict(saved)
     assert list(after.losses) == list(before.losses)
     assert after.mean_loss_since(4) == before.mean_loss_since(4) == pytest.approx(np.mean([2.5, 2.0, 1.5]))
+
+
+def test_custom_scalars_layout_is_written_once_with_the_run_curves_first(tmp_path):
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    tb = metrics_lib.TensorBoard(tmp_path)
+    tb.scalars(1, {"train/loss": 3.0, "bitnet/layers.0.mlp.up_proj/frac_zero": 0.3, "bitnet/model/frac_zero": 0.3})
+    tb.close()
+    ea = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    ea.Reload()
+    (event,) = ea.Tensors(metadata.CONFIG_SUMMARY_TAG)  # the tag TensorBoard's Custom Scalars plugin reads
+    assert ea.SummaryMetadata(metadata.CONFIG_SUMMARY_TAG).plugin_data.plugin_name == metadata.PLUGIN_NAME
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    titles = [c.title for c in layout.category]
+    assert titles == ["1 training", "2 eval", "3 progress and time", "4 bitnet: model", "5 bitnet: per layer"]
+    first = [(chart.title, list(chart.multiline.tag)) for chart in layout.category[0].chart]
+    assert first == [("loss (train and eval)", ["^train/loss$", "^eval/loss$"]),
+                     ("learning rate", ["^train/lr$"]), ("weight decay", ["^train/wd$"]),
+                     ("grad norm", ["^train/grad_norm$"]), ("throughput (tokens/s)", ["^train/tokens_per_sec$"]),
+                     ("MFU", ["^train/mfu$"])]
+
+    def charts_of(tag):
+        return [(c.title, ch.title) for c in layout.category for ch in c.chart
+                if any(re.match(r, tag) for r in ch.multiline.tag)]
+
+    # The plugin matches each regex with re.match: per-layer and model-wide statistics land apart.
+    assert charts_of("bitnet/layers.0.mlp.up_proj/frac_zero") == [("5 bitnet: per layer", "frac_zero (every layer)")]
+    assert charts_of("bitnet/model/frac_zero") == [("4 bitnet: model", "ternary fractions (-1, 0, +1)")]

@@ -514,3 +514,113 @@ def test_status_reads_a_real_train_py_run(tmp_path):
     assert st["samples"]["step"] == 20 and len(st["samples"]["items"]) == len(cfg.log.prompts)
     assert [item["prompt"] for item in st["samples"]["items"]] == cfg.log.prompts
     assert all(isinstance(item[mode], str) for item in st["samples"]["items"] for mode in ("greedy", "typical", "stress"))
+
+
+# --------------------------------------------------------------------------- how a run ended, or never started
+
+def test_a_config_yaml_that_is_not_utf8_is_a_note_not_a_traceback(tmp_path):
+    run_dir = make_run(tmp_path, logged=10)
+    raw = b"train:\n  steps: 600\n# caf\xe9 in latin-1\n"
+    (run_dir / "config.yaml").write_bytes(raw)
+    p = run_cli(str(run_dir), "--json")
+    assert p.returncode == 0, p.stderr
+    st = json.loads(p.stdout)
+    assert (st["step"], st["total_steps"], st["total_tokens"]) == (10, None, None)
+    assert st["notes"] == [f"config.yaml is not UTF-8 text (byte {raw.index(0xE9)} is 0xe9): totals unknown"]
+
+
+def test_a_halted_run_says_halted_at_its_step_and_why_however_long_ago(tmp_path):
+    from bitnet_jax.end_record import write_end_record
+
+    run_dir = make_run(tmp_path)
+    last = fresh_now(run_dir) - 1.0
+    write_end_record(run_dir, "halted", 150, "non-finite loss (train.on_nan: halt)", 3, now=last + 0.5)
+    for now in (last + 5, last + 10**6):  # never running, never stale: the trainer said it exited
+        st = status_of(run_dir, now=now)
+        assert st["state"] == "halted"
+        assert st["end"] == {"state": "halted", "step": 150, "reason": "non-finite loss (train.on_nan: halt)",
+                             "exit_code": 3, "time": last + 0.5}
+    text = format_text(st).splitlines()
+    assert text[:2] == ["Training Status: tiny_T19.2K_1732700000   [halted]",
+                        "  halted at step 150 (non-finite loss (train.on_nan: halt)), exit code 3"]
+    assert any(line.startswith("ETA: ") and "of work left, if it resumes" in line for line in text)
+    p = run_cli(str(run_dir), "--json", "--watch", "0.05")  # watching ends: the trainer has exited
+    assert p.returncode == 0 and json.loads(p.stdout.splitlines()[-1])["state"] == "halted"
+
+
+def test_an_end_record_older_than_the_newest_event_is_ignored(tmp_path):
+    """A resume after the halt logs newer events: the old end.json no longer describes the run."""
+    from bitnet_jax.end_record import write_end_record
+
+    run_dir = make_run(tmp_path, logged=100)
+    write_end_record(run_dir, "stopped", 100, "SIGTERM", 0, now=fresh_now(run_dir))
+    assert status_of(run_dir)["state"] == "stopped"
+    write_events(run_dir, 101, 150, wall0=fresh_now(run_dir) + 30, suffix=".resumed")
+    st = status_of(run_dir, now=fresh_now(run_dir))
+    assert (st["state"], st["step"], st["end"]) == ("running", 150, None)
+
+
+def test_a_damaged_end_record_is_a_note(tmp_path):
+    run_dir = make_run(tmp_path, logged=10)
+    (run_dir / "end.json").write_text('{"state": "halted", "step": ')
+    st = status_of(run_dir, now=fresh_now(run_dir))
+    assert (st["state"], st["end"]) == ("running", None)
+    assert st["notes"] == ["end.json is not JSON: ignored"]
+
+
+def test_a_folder_from_a_failed_start_is_not_started_once_the_start_window_passed(tmp_path):
+    """config.yaml and tokenizer/ but no step and no checkpoint: `running` while a start could still
+    be compiling or loading data (START_WINDOW_S), then `not started`, never `stale`."""
+    from bitnet_jax.status.report import START_WINDOW_S
+
+    run_dir = tmp_path / "runs" / "tiny_T19.2K_1732700000"
+    write_config(run_dir)
+    (run_dir / "tokenizer").mkdir()
+    newest = max(p.stat().st_mtime for p in (run_dir, run_dir / "config.yaml"))
+    assert status_of(run_dir, now=newest + START_WINDOW_S - 1)["state"] == "running"
+    st = status_of(run_dir, now=newest + START_WINDOW_S + 1)
+    assert (st["state"], st["step"], st["checkpoints"]) == ("not started", None, [])
+    assert format_text(st).splitlines()[:2] == [
+        "Training Status: tiny_T19.2K_1732700000   [not started]",
+        "  no training step and no checkpoint, and nothing written for 10 min: the start failed or was "
+        "stopped before step 1 (see the trainer's output)"]
+    make_checkpoint(run_dir, 50)  # it trained once (its tb/ is gone): a run that stopped, not one that never began
+    assert status_of(run_dir, now=newest + START_WINDOW_S + 1)["state"] == "stale"
+
+
+# --------------------------------------------------------------------------- event files: damage, new sample tags
+
+def test_a_record_damaged_in_the_middle_of_a_real_event_file_is_read_past_and_reported(tmp_path):
+    run_dir = make_run(tmp_path)
+    (path,) = (run_dir / "tb").iterdir()
+    buf = bytearray(path.read_bytes())
+    middle = len(buf) // 2
+    buf[middle: middle + 8] = b"\xde\xad\xbe\xef" * 2  # inside one record of about step 75
+    path.write_bytes(bytes(buf))
+    run = Run(run_dir)
+    run.refresh()
+    st = build_status(run, now=fresh_now(run_dir))
+    loss = run.log.scalars("train/loss")
+    assert st["step"] == 150 and st["loss"] == F32(loss_at(150))  # read to the end, not cut at the damage
+    assert len(loss) in (149, 150)  # at most the one record of train/loss around the damage is lost
+    ((_, offset, size),) = run.log.damaged
+    assert offset <= middle < offset + size < offset + 200
+    assert st["notes"] == [f"tb/{path.name} is damaged: read on past the unreadable bytes at offset "
+                           f"{offset:,} ({size:,} bytes); the events in them are lost"]
+
+
+def test_samples_written_as_the_trainer_writes_them_read_back_exactly(tmp_path):
+    from bitnet_jax.metrics import TensorBoard
+    from bitnet_jax.sample_text import sample_markdown, sample_tag
+
+    run_dir = tmp_path / "r"
+    write_events(run_dir, 1, 20, wall0=1_700_000_000.0, texts=False)  # no config.yaml: prompts from the tags
+    tb = TensorBoard(run_dir / "tb")
+    prompts = ["* a bullet?", "Line one\nline two"]
+    texts = {(i, m): f"\n  {m} `x` <b>{i}</b>\n\n" for i in range(2) for m in ("greedy", "typical", "stress")}
+    for (i, mode), text in texts.items():
+        tb.text(20, sample_tag(i, prompts[i], mode), sample_markdown(i, prompts[i], mode, text, 20))
+    tb.close()
+    st = status_of(run_dir)
+    assert st["samples"] == {"step": 20, "items": [
+        {"prompt": prompts[i], **{m: texts[i, m] for m in ("greedy", "typical", "stress")}} for i in range(2)]}
