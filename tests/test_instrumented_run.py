@@ -234,3 +234,8 @@ def test_halt_on_nan_stops_without_saving_the_bad_step(tmp_path):
     scalars, _ = events(run_dir)
     assert not any(t.startswith("eval/") for t in scalars)  # --no-eval
     assert max(scalars["train/loss"]) <= 4
+    # status.py reads the end record: halted, not running (and later stale)
+    status = subprocess.run([sys.executable, "status.py", str(run_dir), "--json"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    st = json.loads(status.stdout)
+    assert st["state"] == "halted" and st["end"]["exit_code"] == 3 and "step 3" in st["end"]["reason"], st
