@@ -28,8 +28,10 @@ import numpy as np
 from tokenizers import Tokenizer as _Backend
 
 from bitnet_jax.config import TokenizerConfig
-from bitnet_jax.data.errors import DataError
-from bitnet_jax.data.sources import file_sha256
+from bitnet_jax.data.builtin_bpe import BOS, EOS, builtin_backend
+from bitnet_jax.data.errors import DataError, offline_hint
+from bitnet_jax.data.hashing import file_sha256
+from bitnet_jax.data.spm import tokenizer_from_spm
 
 _BOS_GUESSES = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]")
 _EOS_GUESSES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[EOS]")
@@ -164,9 +166,9 @@ def load_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     """The tokenizer named by ``tokenizer.name_or_path`` (see the module docstring)."""
     name = cfg.name_or_path
     if name == "builtin":
-        from bitnet_jax.data.builtin_bpe import builtin_tokenizer
-
-        return builtin_tokenizer(cfg.builtin_vocab_size)
+        backend, path = builtin_backend(cfg.builtin_vocab_size)
+        return Tokenizer(backend, name_or_path="builtin", kind="builtin", bos_token=BOS, eos_token=EOS,
+                         files=[path] if path else [])
     path = Path(os.path.expanduser(name))
     if path.exists():
         return _load_local(path, name)
@@ -214,8 +216,6 @@ def _from_tokenizer_json(path: Path, name: str) -> Tokenizer:
 
 
 def _from_spm(path: Path, name: str) -> Tokenizer:
-    from bitnet_jax.data.spm import tokenizer_from_spm
-
     backend, bos, eos = tokenizer_from_spm(path)
     return Tokenizer(backend, name_or_path=name, kind="sentencepiece", bos_token=bos, eos_token=eos, files=[path])
 
@@ -292,12 +292,3 @@ def _load_hub(name: str) -> Tokenizer:
     tok.name_or_path = name
     return tok
 
-
-def offline_hint() -> str:
-    """A sentence about offline mode when the environment asks for it, else empty."""
-    flags = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-             if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
-    if flags:
-        return (f"This machine is offline for the hub ({'='.join([flags[0], os.environ[flags[0]]])} is set; "
-                f"unset {flags[0]} only where the network can reach huggingface.co). ")
-    return "The hub could not be reached (no network?). "
