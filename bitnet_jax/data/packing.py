@@ -17,7 +17,7 @@ boundaries (the BOS/EOS tokens mark them).
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -91,15 +91,6 @@ class Packer:
     def head(self) -> tuple[Any, int]:
         """(position of the document the next row starts in, tokens of it already consumed)."""
         return self._docs[0][1], self._offset
-
-
-def pack_documents(docs: Iterable[np.ndarray], seq_len: int, rows: int) -> np.ndarray | None:
-    """The first ``rows`` rows packed from token arrays, or None if they hold too few tokens."""
-    docs = list(docs)
-    flat = np.concatenate(docs) if docs else np.zeros(0, np.int32)
-    if flat.shape[0] < rows * seq_len + 1:
-        return None
-    return rows_from_stream(flat, seq_len, rows)
 
 
 def stream_tokens(docs: Sequence[np.ndarray], n: int) -> np.ndarray:
