@@ -56,6 +56,6 @@ def test_cycle_finder_reports_a_cycle():
 
 def test_data_modules_import_each_other_without_a_cycle():
     graph = {p.stem: _imports(p) for p in DATA.glob("*.py")}
-    assert graph["tokenizer"] >= {"builtin_bpe", "spm"}  # the parser sees the real imports
+    assert graph["tokenizer"] >= {"builtin_bpe", "spm", "pieces"}  # the parser sees the real imports
     assert "tokenizer" not in graph["builtin_bpe"] and "tokenizer" not in graph["sources"]
     assert _cycle(graph) == []

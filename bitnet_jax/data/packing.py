@@ -37,10 +37,10 @@ def rows_from_stream(tokens: np.ndarray, seq_len: int, rows: int) -> np.ndarray:
 class Packer:
     """A token buffer over documents that cuts batches by the contract above.
 
-    It remembers, for the document the next row starts in, the position the document stream gave
-    it and how many of its tokens are already used: ``head()``. That pair is all a resumed loader
-    needs to rebuild the buffer (re-reading and re-tokenizing that one document), so the leftover
-    tokens never have to be stored.
+    It remembers, for the document (or the piece of a long document, ``pieces.py``) the next row
+    starts in, the position it was pushed with and how many of its tokens are already used:
+    ``head()``. That pair is all a resumed loader needs to rebuild the buffer (re-reading and
+    re-tokenizing that one document or piece), so the leftover tokens never have to be stored.
     """
 
     def __init__(self, seq_len: int):
