@@ -280,3 +280,90 @@ def test_shipped_fineweb_config_loads_batches_from_the_fixture(shared_data, llam
     with build_train_loader(cfg, tok) as loader:
         assert next(loader).shape == (cfg.train.batch_size, cfg.train.seq_len + 1)
     assert [e.shape for e in build_eval_batches(cfg, tok)] == [(16, 257)] * cfg.eval.batches
+
+
+@pytest.fixture(scope="module")
+def long_paragraph_file(shared_data, tmp_path_factory):
+    """A txt file of three paragraphs: a FineWeb-Edu document (held out), one paragraph of 200k
+    characters of FineWeb-Edu text (13 pieces), and another document."""
+    from bitnet_jax.data.make_fineweb_fixture import read_texts
+
+    texts = [" ".join(t.split()) for t in read_texts(shared_data / "fineweb_edu_text_sample" / "training_data.csv")]
+    long_doc = " ".join(texts[1:])[:200_000]
+    path = tmp_path_factory.mktemp("long") / "long.txt"
+    path.write_text("\n\n".join([texts[0], long_doc, texts[-1]]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_resume_inside_a_long_document_continues_bit_for_bit(long_paragraph_file, llama):
+    cfg = _config(DataConfig(source="local", data_files=[str(long_paragraph_file)], tokenize_batch=4),
+                  batch=4, seq_len=128)
+    with build_train_loader(cfg, llama) as loader:
+        reference, states = [], []
+        for _ in range(60):  # 30k tokens: the first 8 pieces of the long document
+            reference.append(next(loader))
+            states.append(loader.state_dict())
+    inside = [k for k, s in enumerate(states) if s["piece"]["start_char"] > 0 and
+              s["skip_tokens"] > s["piece"]["tokens_before"] > 0]
+    assert len(inside) > 40 and len({states[k]["piece"]["start_char"] for k in inside}) >= 5
+    for k in (inside[0], inside[len(inside) // 2], inside[-4]):
+        saved = json.loads(json.dumps(states[k]))
+        with build_train_loader(cfg, llama, state=saved) as resumed:
+            for i in range(k + 1, k + 4):
+                np.testing.assert_array_equal(next(resumed), reference[i])
+                assert resumed.state_dict() == states[i]
+        # A state saved before pieces existed counts the document's used tokens only: the document is
+        # tokenized from its start, the whole pieces dropped, and the batches are the same.
+        without_piece = {key: value for key, value in saved.items() if key != "piece"}
+        with build_train_loader(cfg, llama, state=without_piece) as resumed:
+            np.testing.assert_array_equal(next(resumed), reference[k + 1])
+            assert resumed.state_dict() == states[k + 1]
+
+
+def test_a_state_pointing_past_the_end_of_its_document_is_refused(long_paragraph_file, llama):
+    cfg = _config(DataConfig(source="local", data_files=[str(long_paragraph_file)]), batch=4, seq_len=128)
+    with build_train_loader(cfg, llama) as loader:
+        for _ in range(30):
+            next(loader)
+        state = loader.state_dict()
+    state["piece"] = {"start_char": 10**7, "tokens_before": state["piece"]["tokens_before"]}
+    with build_train_loader(cfg, llama, state=state) as resumed:
+        with pytest.raises(DataError, match="does not match this data"):
+            next(resumed)
+
+
+_PEAK_RSS_CHILD = """
+import json, resource, sys
+from bitnet_jax.config import Config, DataConfig, EvalConfig, TokenizerConfig, TrainConfig
+from bitnet_jax.data import build_train_loader, load_tokenizer
+tok = load_tokenizer(TokenizerConfig(name_or_path="builtin"))
+cfg = Config(train=TrainConfig(batch_size=8, seq_len=128), eval=EvalConfig(every=0, batches=0),
+             data=DataConfig(source="local", data_files=[sys.argv[1]], tokenize_batch=8))
+with build_train_loader(cfg, tok) as loader:
+    for _ in range(20):
+        next(loader)
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+"""
+
+
+def test_loader_memory_does_not_grow_with_the_length_of_a_document(shared_data, tmp_path):
+    """Issue 14: each tokenizer call got data.tokenize_batch whole documents (here the one paragraph,
+    again every epoch), and the backend's per-token records cost 125-380 bytes a token (about 50-140
+    a character): 8 copies of 4 MB took over 1.5 GB more than 8 copies of 0.25 MB. Pieces bound a
+    call at pieces.CALL_CHARS characters, whatever the document: what still grows with it is its
+    text (a few copies, 1 byte a character here) and its ids (4 bytes a token), well under 32 bytes
+    a character."""
+    import subprocess
+    import sys
+
+    from bitnet_jax.data.make_fineweb_fixture import read_texts
+
+    text = " ".join(" ".join(t.split()) for t in read_texts(shared_data / "fineweb_edu_text_sample" / "training_data.csv"))
+    peaks = {}
+    for size in (250_000, 4_000_000):
+        path = tmp_path / f"one_paragraph_{size}.txt"
+        path.write_text((text * (size // len(text) + 1))[:size] + "\n", encoding="utf-8")
+        out = subprocess.run([sys.executable, "-c", _PEAK_RSS_CHILD, str(path)], capture_output=True, text=True,
+                             check=True, env={**__import__("os").environ, "TOKENIZERS_PARALLELISM": "false"})
+        peaks[size] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert peaks[4_000_000] - peaks[250_000] < 32 * (4_000_000 - 250_000), peaks

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from bitnet_jax.data.packing import Packer, pack_documents, rows_from_stream, stream_tokens
+from bitnet_jax.data.packing import Packer, rows_from_stream, stream_tokens
 
 
 def test_rows_overlap_by_exactly_one_token():
@@ -45,9 +45,18 @@ def test_packer_skip_resumes_inside_a_document():
         Packer(2).skip(3)
 
 
-def test_pack_documents_and_stream_tokens():
+def test_packed_rows_follow_the_stream_and_need_one_token_more_than_they_consume():
     docs = [np.array([1, 5, 2], np.int32), np.array([1, 6, 7, 2], np.int32)]
-    np.testing.assert_array_equal(pack_documents(docs, seq_len=3, rows=2), [[1, 5, 2, 1], [1, 6, 7, 2]])
-    assert pack_documents(docs, seq_len=3, rows=3) is None
+    packer = Packer(seq_len=3)
+    for i, d in enumerate(docs):
+        packer.push(d, i)
+    assert not packer.can_take(3)  # 3 rows need 3 * 3 + 1 = 10 tokens; there are 7
+    np.testing.assert_array_equal(packer.take(2), [[1, 5, 2, 1], [1, 6, 7, 2]])
+    np.testing.assert_array_equal(rows_from_stream(stream_tokens(docs, 7), seq_len=3, rows=2),
+                                  [[1, 5, 2, 1], [1, 6, 7, 2]])
+
+
+def test_stream_tokens_takes_the_head_of_the_concatenated_documents():
+    docs = [np.array([1, 5, 2], np.int32), np.array([1, 6, 7, 2], np.int32)]
     np.testing.assert_array_equal(stream_tokens(docs, 5), [1, 5, 2, 1, 6])
     np.testing.assert_array_equal(stream_tokens(docs, 50), [1, 5, 2, 1, 6, 7, 2])

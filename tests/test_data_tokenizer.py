@@ -137,3 +137,105 @@ def test_describe_names_files_and_their_sha256(llama_tokenizer_dir):
     assert desc["kind"] == "sentencepiece" and desc["vocab_size"] == 32000
     assert desc["files"] == {"tokenizer.model": "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"}
     json.dumps(desc)
+
+
+# --------------------------------------------------------------------------- long documents (pieces.py)
+
+@pytest.fixture(scope="module")
+def long_texts(shared_data) -> list[str]:
+    """Long real documents, and real text with every kind of spacing around the cuts."""
+    from bitnet_jax.data.make_fineweb_fixture import read_texts
+
+    fineweb = read_texts(shared_data / "fineweb_edu_text_sample" / "training_data.csv")
+    wiki = (shared_data / "wikitext" / "wikitext-2-raw.wiki.test.raw").read_text(encoding="utf-8")
+    shakespeare = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    return [
+        " ".join(fineweb[:60]),  # one long paragraph
+        "\n\n".join(fineweb[60:120]),
+        wiki[:150_000],  # " = Title = " lines, " @-@ ", runs of spaces and newlines
+        shakespeare[:150_000],
+        "  leading and trailing spaces " + fineweb[0] + "   \n  ",
+        " ".join(w + " " * (i % 4) for i, w in enumerate(fineweb[1].split())),  # runs of 1-4 spaces
+        "literal \u2581 pieces\u2581 next to\u2581\u2581 spaces \u2581" * 40 + fineweb[2],
+        "nbsp\u00a0and ideographic\u3000spaces, tabs\t\tand e\u0301 combining marks " * 60,
+    ]
+
+
+def _assert_only_exact_cuts(text, pieces, max_chars):
+    assert len(pieces) >= len(text) // max_chars and all(len(p.text) <= max_chars for p in pieces)
+    assert all(text[p.start] == " " and not text[p.start - 1].isspace() for p in pieces[1:])
+
+
+@pytest.mark.parametrize("where", ["tokenizer.model", "hf/tokenizer.json", "builtin"])
+def test_long_documents_encoded_piece_by_piece_give_the_whole_documents_ids(where, llama_tokenizer_dir, long_texts):
+    from bitnet_jax.data.pieces import split_document
+
+    name = "builtin" if where == "builtin" else str(llama_tokenizer_dir / where)
+    tok = load_tokenizer(TokenizerConfig(name_or_path=name))
+    assert tok.split_rule.exact, tok.split_rule.reason
+    for text in long_texts:
+        pieces = list(split_document(text, tok.split_rule, max_chars=100))  # thousands of cuts
+        _assert_only_exact_cuts(text, pieces, 100)
+        ids = [i for batch in tok.encode_batch([p.text for p in pieces]) for i in batch]
+        assert ids == tok.encode(text), f"pieces of {text[:40]!r} encode differently"
+    # the loader's path, with the real piece size: [BOS] + the whole document's ids + [EOS]
+    doc = long_texts[0]
+    assert len(list(tok.pieces(doc))) > 10
+    (ids,) = tok.encode_documents([doc])
+    assert ids.tolist() == [tok.bos_id] + tok.encode(doc) + [tok.eos_id]
+
+
+def test_long_document_pieces_give_sentencepieces_ids(sp, llama_tokenizer_dir, long_texts):
+    tok = load_tokenizer(TokenizerConfig(name_or_path=str(llama_tokenizer_dir)))
+    (ids,) = tok.encode_documents([long_texts[0]])
+    assert ids.tolist() == [1] + sp.encode(long_texts[0]) + [2]
+
+
+def test_pieces_resume_at_a_pieces_start_and_lose_no_text(llama_tokenizer_dir, long_texts):
+    from bitnet_jax.data.pieces import split_document
+
+    tok = load_tokenizer(TokenizerConfig(name_or_path=str(llama_tokenizer_dir)))
+    text = long_texts[5]
+    pieces = list(split_document(text, tok.split_rule, max_chars=300))
+    assert pieces[0].first and pieces[-1].last and not any(p.first or p.last for p in pieces[1:-1])
+    # SentencePiece-style: a piece after a cut is encoded without its first space (the dummy prefix)
+    assert "".join((" " if p.start else "") + p.text for p in pieces) == text
+    for k in (1, len(pieces) // 2, len(pieces) - 1):
+        assert list(split_document(text, tok.split_rule, start=pieces[k].start, max_chars=300)) == pieces[k:]
+    with pytest.raises(ValueError, match="cannot start at character"):
+        next(split_document(text, tok.split_rule, start=len(text)))
+
+
+def test_a_long_stretch_without_spaces_is_cut_at_the_limit():
+    from bitnet_jax.data.pieces import SplitRule, split_document
+
+    text = "x" * 250 + " tail"
+    pieces = list(split_document(text, SplitRule(drop_space=True, exact=True, reason=""), max_chars=100))
+    assert [(p.start, p.text) for p in pieces] == [(0, "x" * 100), (100, "x" * 100), (200, "x" * 50 + " tail")]
+
+
+def test_cuts_are_exact_only_for_the_pipelines_where_that_is_proven(llama_tokenizer_dir):
+    from bitnet_jax.data.pieces import split_rule
+
+    llama = json.loads(load_tokenizer(TokenizerConfig(name_or_path=str(llama_tokenizer_dir))).backend.to_str())
+    builtin = json.loads(load_tokenizer(TokenizerConfig(name_or_path="builtin")).backend.to_str())
+    assert split_rule(llama).exact and split_rule(llama).drop_space
+    assert split_rule(builtin).exact and not split_rule(builtin).drop_space
+
+    def changed(pipeline, path, value):
+        out = json.loads(json.dumps(pipeline))
+        node = out
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        return split_rule(out)
+
+    joined = changed(llama, ("model", "vocab", "a\u2581b"), 32000)
+    assert not joined.exact and "'a\u2581b'" in joined.reason
+    nfkc = changed(llama, ("normalizer", "normalizers"), [{"type": "NFKC"}] + llama["normalizer"]["normalizers"])
+    assert not nfkc.exact and nfkc.drop_space  # cut the same way, ids not guaranteed
+    assert not changed(llama, ("model", "type"), "Unigram").exact
+    assert not changed(llama, ("model", "dropout"), 0.1).exact
+    added = changed(builtin, ("added_tokens",), builtin["added_tokens"] + [{"content": "hello world", "special": False}])
+    assert not added.exact and "hello world" in added.reason
+    assert not changed(builtin, ("normalizer",), {"type": "NFC"}).exact

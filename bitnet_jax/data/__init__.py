@@ -9,10 +9,12 @@ Public API (what the train loop uses)::
     build_eval_batches(cfg, tok, process_index=0, process_count=1)  # list of eval.batches arrays
     write_fingerprint(path, cfg, tok)                                 # dataset_fingerprint.json
 
-Modules: ``builtin`` (the pydoc corpus), ``builtin_bpe`` (its tokenizer), ``tokenizer`` and
-``spm`` (loading any tokenizer), ``sources`` (which rows), ``documents`` (rows -> documents with
-resumable positions), ``heldout`` (the evaluation set), ``packing`` (the row contract),
-``workers`` (tokenizer processes), ``loader``, ``fingerprint``, ``make_fineweb_fixture`` (CLI).
+Modules, each importing only those before it: ``errors``, ``hashing``, ``builtin`` (the pydoc
+corpus), ``builtin_bpe`` (its tokenizer), ``spm`` (SentencePiece models), ``pieces`` (long
+documents cut where the ids stay exact), ``tokenizer`` (the Tokenizer type and loading any
+tokenizer), ``sources`` (which rows), ``documents`` (rows -> documents with resumable positions),
+``heldout`` (the evaluation set), ``packing`` (the row contract), ``workers`` (tokenizer
+processes), ``loader``, ``fingerprint``, ``make_fineweb_fixture`` (CLI).
 """
 
 from bitnet_jax.data.errors import DataError

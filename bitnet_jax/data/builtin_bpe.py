@@ -42,10 +42,9 @@ def train_builtin_bpe(vocab_size: int) -> _Backend:
     return tok
 
 
-def builtin_tokenizer(vocab_size: int):
-    """The cached builtin tokenizer (trained and written on first use)."""
-    from bitnet_jax.data.tokenizer import Tokenizer
-
+def builtin_backend(vocab_size: int) -> tuple[_Backend, Path | None]:
+    """The cached builtin tokenizer (trained and written on first use) and its cache file (None when
+    the cache cannot be written). ``tokenizer.load_tokenizer`` wraps it with BOS/EOS."""
     if vocab_size < _MIN_VOCAB:
         raise DataError(f"tokenizer.builtin_vocab_size must be at least {_MIN_VOCAB} (256 bytes + BOS/EOS), "
                         f"got {vocab_size}")
@@ -67,5 +66,4 @@ def builtin_tokenizer(vocab_size: int):
             os.replace(tmp, path)
         except OSError:
             pass  # a read-only home still trains in memory every time
-    return Tokenizer(backend, name_or_path="builtin", kind="builtin", bos_token=BOS, eos_token=EOS,
-                     files=[path] if path.is_file() else [])
+    return backend, path if path.is_file() else None

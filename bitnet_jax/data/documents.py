@@ -17,15 +17,13 @@ blake2b digest of their text (the held-out set, and any exact copy of it later i
 from __future__ import annotations
 
 import hashlib
-import itertools
 import re
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Iterator
 
 from bitnet_jax.data.errors import DataError
 from bitnet_jax.data.sources import SourceSpec, open_rows
 
 Position = dict[str, Any]
-T = TypeVar("T")
 
 # " = Title = " opens an article; " = = Section = = " (two or more '=') does not.
 _ARTICLE_TITLE = re.compile(r"^ ?= [^=].*[^=] = ?$|^ ?= [^=] = ?$")
@@ -85,7 +83,7 @@ class DocumentStream:
             doc_index += 1
             if self.spec.lines_are_rows and index % self.process_count != self.process_index:
                 continue
-            if not text or not text.strip():
+            if not text or text.isspace():  # isspace: no copy of a long text
                 continue
             if self.exclude and text_digest(text) in self.exclude:
                 continue
@@ -141,13 +139,6 @@ class DocumentStream:
         dropped = " once the held-out evaluation documents are removed" if self.exclude else ""
         return (f"the dataset {self._what()} has no documents{shard}{dropped}: every row is empty or missing. "
                 "Give files with text in them (data.data_files), check data.text_column, or lower data.eval_documents")
-
-
-def chunked(items: Iterable[T], n: int) -> Iterator[list[T]]:
-    """Consecutive lists of ``n`` items (the last may be shorter): documents tokenized together."""
-    it = iter(items)
-    while chunk := list(itertools.islice(it, n)):
-        yield chunk
 
 
 def _articles(rows: Iterator[tuple[str, dict]]) -> Iterator[tuple[str, dict]]:

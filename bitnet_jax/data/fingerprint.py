@@ -30,14 +30,14 @@ def training_stream_head(cfg: Config, tok, n: int = FIRST_TOKENS, heldout=None) 
     """The first ``n`` token ids of the training stream (process 0 of 1), int32."""
     spec = source_spec(cfg.data)
     heldout = heldout if heldout is not None else heldout_set(cfg, tok, spec)
-    docs, have = [], 0
+    pieces, have = [], 0
     for text, _ in DocumentStream(spec, repeat=cfg.data.repeat, exclude=heldout.digests):
-        ids = tok.encode_documents([text])[0]
-        docs.append(ids)
-        have += ids.shape[0]
-        if have >= n:
-            break
-    return stream_tokens(docs, n)
+        for piece in tok.pieces(text):  # piece by piece: a long first document is not read to its end
+            pieces.append(tok.encode_pieces([piece])[0])
+            have += pieces[-1].shape[0]
+            if have >= n:
+                return stream_tokens(pieces, n)
+    return stream_tokens(pieces, n)
 
 
 def fingerprint(cfg: Config, tok, previous: dict[str, Any] | None = None, heldout=None) -> dict[str, Any]:

@@ -19,8 +19,9 @@ import hashlib
 import numpy as np
 
 from bitnet_jax.config import Config
-from bitnet_jax.data.documents import DocumentStream, chunked, text_digest
+from bitnet_jax.data.documents import DocumentStream, text_digest
 from bitnet_jax.data.errors import DataError
+from bitnet_jax.data.pieces import bounded_batches
 from bitnet_jax.data.sources import SourceSpec
 
 
@@ -58,7 +59,7 @@ def heldout_set(cfg: Config, tok, spec: SourceSpec) -> HeldOut:
     def enough() -> bool:
         return len(digests) == wanted if wanted is not None else have >= need
 
-    for texts in chunked((text for text, _ in DocumentStream(spec, repeat=False)), chunk):
+    for texts in bounded_batches((text for text, _ in DocumentStream(spec, repeat=False)), chunk):
         if wanted == 0 or (wanted is None and need == 0):
             break  # the first document was read: the source works
         for text, ids in zip(texts, tok.encode_documents(texts)):

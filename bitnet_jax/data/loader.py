@@ -7,16 +7,19 @@
     state = loader.state_dict() # JSON; the position right after the last batch next() returned
     loader.close()
 
-A background thread reads documents, tokenizes and packs them (``packing.py``) and keeps up to
+A background thread reads documents, cuts long ones into pieces (``pieces.py``: the same ids,
+bounded memory), tokenizes and packs them (``packing.py``) and keeps up to
 ``data.prefetch_batches`` batches in a bounded queue, so ``next()`` is a queue ``get``. Each queued
 batch carries the state *after* it; ``next()`` records that one, so ``state_dict()`` is exact
 however far the thread has run ahead.
 
 The state (plain JSON) holds the position of the document the next row starts in (epoch, the
 ``datasets`` ``IterableDataset.state_dict()`` just before that document, its index), how many of
-its tokens are already used (the leftover buffer, stored as where it starts rather than its ids),
-and counters. A loader built with that state re-reads that document, skips the used tokens and
-continues with the same batches, bit for bit.
+its tokens are already used (``skip_tokens``: the leftover buffer, stored as where it starts rather
+than its ids), where the piece holding that token starts (``piece``: its first character and the
+document's tokens before it), and counters. A loader built with that state re-reads that document,
+tokenizes it from that piece on, skips the used tokens and continues with the same batches, bit for
+bit. A state without ``piece`` (saved before pieces existed) tokenizes the document from its start.
 """
 
 from __future__ import annotations
@@ -28,14 +31,16 @@ from typing import Iterator
 import numpy as np
 
 from bitnet_jax.config import Config, ConfigError
-from bitnet_jax.data.documents import DocumentStream, chunked
+from bitnet_jax.data.documents import DocumentStream
 from bitnet_jax.data.errors import DataError
 from bitnet_jax.data.heldout import HeldOut, heldout_set
-from bitnet_jax.data.packing import Packer
+from bitnet_jax.data.packing import Packer, rows_from_stream
+from bitnet_jax.data.pieces import CALL_CHARS, bounded_batches
 from bitnet_jax.data.sources import source_spec
 from bitnet_jax.data.workers import DocumentTokenizer
 
 STATE_FORMAT = "bitnet_jax.data.loader/1"
+_DOCUMENT_START = {"start_char": 0, "tokens_before": 0}  # where a document's first piece is
 _END = object()
 
 
@@ -164,7 +169,7 @@ def build_train_loader(cfg: Config, tok, process_index: int = 0, process_count: 
               "process_count": process_count, "heldout_sha256": heldout.sha256,
               "tokenizer_sha256": tok.json_sha256}
     if state is None:
-        state = {**header, "position": None, "skip_tokens": 0, "batches": 0, "tokens": 0}
+        state = {**header, "position": None, "skip_tokens": 0, "piece": dict(_DOCUMENT_START), "batches": 0, "tokens": 0}
     else:
         _check_state(state, header)
     encoder = DocumentTokenizer(tok, cfg.data.num_workers)
@@ -192,23 +197,45 @@ def _batches(cfg: Config, spec, heldout: HeldOut, encoder: DocumentTokenizer, ro
     stream = DocumentStream(spec, process_index=process_index, process_count=process_count,
                             repeat=cfg.data.repeat, position=state["position"], exclude=heldout.digests)
     packer = Packer(seq_len)
-    skip = state["skip_tokens"]
+    piece = state.get("piece", _DOCUMENT_START)
+    skip = state["skip_tokens"] - piece["tokens_before"]  # tokens used from that piece on
+    doc_tokens = piece["tokens_before"]  # tokens of the current document before the current piece
     n_batches, n_tokens = state["batches"], state["tokens"]
 
-    chunks = ([list(column) for column in zip(*chunk)] for chunk in chunked(stream, cfg.data.tokenize_batch))
-    for arrays, positions in encoder.map(chunks):
-        for ids, position in zip(arrays, positions):
-            packer.push(ids, position)
-            if skip:  # resuming inside this (the first) document
+    pieces = _pieces(encoder.tok, stream, piece["start_char"])
+    calls = bounded_batches(pieces, cfg.data.tokenize_batch, CALL_CHARS, chars=lambda item: len(item[0].text))
+    for arrays, call in encoder.map(([p for p, _ in call], call) for call in calls):
+        for ids, (p, position) in zip(arrays, call):
+            if p.first:
+                doc_tokens = 0
+            if skip and skip >= ids.shape[0] and not p.last:  # a whole piece used (states without "piece")
+                skip -= ids.shape[0]
+                doc_tokens += ids.shape[0]
+                continue
+            packer.push(ids, (position, p.start, doc_tokens))
+            doc_tokens += ids.shape[0]
+            if skip:  # resuming inside this (the first) piece
                 packer.skip(skip)
                 skip = 0
             while packer.can_take(rows):
                 batch = packer.take(rows)
                 n_batches += 1
                 n_tokens += rows * seq_len
-                position_after, used = packer.head()
-                yield batch, {**header, "position": position_after, "skip_tokens": used,
+                (position_after, start_char, tokens_before), used = packer.head()
+                yield batch, {**header, "position": position_after, "skip_tokens": tokens_before + used,
+                              "piece": {"start_char": start_char, "tokens_before": tokens_before},
                               "batches": n_batches, "tokens": n_tokens}
+
+
+def _pieces(tok, stream: DocumentStream, start_char: int):
+    """(piece, position of its document) for the stream's documents, the first from ``start_char``."""
+    for text, position in stream:
+        try:
+            yield from ((p, position) for p in tok.pieces(text, start_char))
+        except ValueError as e:
+            raise DataError(f"the data loader state does not match this data ({e}); resume with the data "
+                            "the run was trained on, or start the data from scratch") from None
+        start_char = 0
 
 
 def build_eval_batches(cfg: Config, tok, process_index: int = 0, process_count: int = 1,
@@ -221,8 +248,6 @@ def build_eval_batches(cfg: Config, tok, process_index: int = 0, process_count: 
     (``process_index * rows`` onwards), the layout ``jax.make_array_from_process_local_data``
     expects. The same config and tokenizer give the same batches on every call.
     """
-    from bitnet_jax.data.packing import rows_from_stream
-
     rows = rows_per_process(cfg, process_count)
     check_vocab(cfg, tok)
     if cfg.eval.batches <= 0:

@@ -17,7 +17,7 @@ boundaries (the BOS/EOS tokens mark them).
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -37,10 +37,10 @@ def rows_from_stream(tokens: np.ndarray, seq_len: int, rows: int) -> np.ndarray:
 class Packer:
     """A token buffer over documents that cuts batches by the contract above.
 
-    It remembers, for the document the next row starts in, the position the document stream gave
-    it and how many of its tokens are already used: ``head()``. That pair is all a resumed loader
-    needs to rebuild the buffer (re-reading and re-tokenizing that one document), so the leftover
-    tokens never have to be stored.
+    It remembers, for the document (or the piece of a long document, ``pieces.py``) the next row
+    starts in, the position it was pushed with and how many of its tokens are already used:
+    ``head()``. That pair is all a resumed loader needs to rebuild the buffer (re-reading and
+    re-tokenizing that one document or piece), so the leftover tokens never have to be stored.
     """
 
     def __init__(self, seq_len: int):
@@ -91,15 +91,6 @@ class Packer:
     def head(self) -> tuple[Any, int]:
         """(position of the document the next row starts in, tokens of it already consumed)."""
         return self._docs[0][1], self._offset
-
-
-def pack_documents(docs: Iterable[np.ndarray], seq_len: int, rows: int) -> np.ndarray | None:
-    """The first ``rows`` rows packed from token arrays, or None if they hold too few tokens."""
-    docs = list(docs)
-    flat = np.concatenate(docs) if docs else np.zeros(0, np.int32)
-    if flat.shape[0] < rows * seq_len + 1:
-        return None
-    return rows_from_stream(flat, seq_len, rows)
 
 
 def stream_tokens(docs: Sequence[np.ndarray], n: int) -> np.ndarray:

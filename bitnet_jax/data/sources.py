@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from bitnet_jax.config import DataConfig
-from bitnet_jax.data.errors import DataError
+from bitnet_jax.data.errors import DataError, offline_hint
+from bitnet_jax.data.hashing import file_sha256
 
 HUB_DEFAULTS = {  # source -> (hub dataset, config)
     "fineweb_edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
@@ -161,8 +162,6 @@ def open_rows(spec: SourceSpec):
 
 
 def hub_error(spec: SourceSpec, e: BaseException) -> DataError:
-    from bitnet_jax.data.tokenizer import offline_hint
-
     example = ("--set data.data_files=fineweb.parquet (build a small one with " + _FIXTURE_HINT + ")"
                if spec.source == "fineweb_edu" else "--set 'data.data_files=[wiki.train.raw]'")
     return DataError(
@@ -201,11 +200,3 @@ def _describe_file(path: str, hash_files: bool, known: dict | None) -> dict[str,
         entry["sha256"] = known["sha256"] if same and known.get("sha256") else file_sha256(path)
     return entry
 
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -11,7 +11,8 @@
 
 Text is always encoded without added BOS/EOS and with ``encode_special_tokens`` on, so a literal
 ``"<s>"`` inside a document is ordinary text (as in SentencePiece), never a control token. The
-packer adds BOS/EOS ids itself.
+packer adds BOS/EOS ids itself. Documents are encoded piece by piece (``pieces.py``): a long one
+costs the memory of its pieces, not of its whole text, and gives the same ids.
 """
 
 from __future__ import annotations
@@ -22,17 +23,21 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer as _Backend
 
 from bitnet_jax.config import TokenizerConfig
-from bitnet_jax.data.errors import DataError
-from bitnet_jax.data.sources import file_sha256
+from bitnet_jax.data.builtin_bpe import BOS, EOS, builtin_backend
+from bitnet_jax.data.errors import DataError, offline_hint
+from bitnet_jax.data.hashing import file_sha256
+from bitnet_jax.data.pieces import CALL_CHARS, Piece, SplitRule, bounded_batches, split_document, split_rule
+from bitnet_jax.data.spm import tokenizer_from_spm
 
 _BOS_GUESSES = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]")
 _EOS_GUESSES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[EOS]")
+_PIECES_PER_CALL = 256  # at most, in encode_documents (the characters bound a call first)
 _HUB_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -85,11 +90,34 @@ class Tokenizer:
         """``encode`` over many texts, in parallel on the backend's thread pool (GIL released)."""
         return [e.ids for e in self._encode_many(texts)]
 
-    def encode_documents(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Each text as int32 ``[BOS] + ids + [EOS]`` (BOS/EOS where the tokenizer has them)."""
+    def encode_documents(self, texts: Iterable[str]) -> list[np.ndarray]:
+        """Each text as int32 ``[BOS] + ids + [EOS]`` (BOS/EOS where the tokenizer has them), encoded
+        piece by piece in calls of at most ``pieces.CALL_CHARS`` characters."""
+        pieces = (piece for text in texts for piece in self.pieces(text))
+        out, parts = [], []
+        for call in bounded_batches(pieces, _PIECES_PER_CALL, CALL_CHARS, chars=lambda p: len(p.text)):
+            for piece, ids in zip(call, self.encode_pieces(call)):
+                parts.append(ids)
+                if piece.last:
+                    out.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
+                    parts = []
+        return out
+
+    @functools.cached_property
+    def split_rule(self) -> SplitRule:
+        """Where this tokenizer's documents may be cut (``pieces.py``)."""
+        return split_rule(json.loads(self.backend.to_str()))
+
+    def pieces(self, text: str, start: int = 0) -> Iterator[Piece]:
+        """``text`` cut into pieces from character ``start`` on (``pieces.split_document``)."""
+        return split_document(text, self.split_rule, start)
+
+    def encode_pieces(self, pieces: Sequence[Piece]) -> list[np.ndarray]:
+        """Each piece's ids as int32, BOS before a document's first piece and EOS after its last."""
         head = [] if self.bos_id is None else [self.bos_id]
         tail = [] if self.eos_id is None else [self.eos_id]
-        return [np.array(head + e.ids + tail, dtype=np.int32) for e in self._encode_many(texts)]
+        return [np.array((head if p.first else []) + e.ids + (tail if p.last else []), dtype=np.int32)
+                for p, e in zip(pieces, self._encode_many([p.text for p in pieces]))]
 
     def _encode_many(self, texts: Sequence[str]):
         texts = list(texts)
@@ -164,9 +192,9 @@ def load_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     """The tokenizer named by ``tokenizer.name_or_path`` (see the module docstring)."""
     name = cfg.name_or_path
     if name == "builtin":
-        from bitnet_jax.data.builtin_bpe import builtin_tokenizer
-
-        return builtin_tokenizer(cfg.builtin_vocab_size)
+        backend, path = builtin_backend(cfg.builtin_vocab_size)
+        return Tokenizer(backend, name_or_path="builtin", kind="builtin", bos_token=BOS, eos_token=EOS,
+                         files=[path] if path else [])
     path = Path(os.path.expanduser(name))
     if path.exists():
         return _load_local(path, name)
@@ -214,8 +242,6 @@ def _from_tokenizer_json(path: Path, name: str) -> Tokenizer:
 
 
 def _from_spm(path: Path, name: str) -> Tokenizer:
-    from bitnet_jax.data.spm import tokenizer_from_spm
-
     backend, bos, eos = tokenizer_from_spm(path)
     return Tokenizer(backend, name_or_path=name, kind="sentencepiece", bos_token=bos, eos_token=eos, files=[path])
 
@@ -291,13 +317,3 @@ def _load_hub(name: str) -> Tokenizer:
         raise DataError(f"hub repository {name!r} has neither tokenizer.json nor tokenizer.model")
     tok.name_or_path = name
     return tok
-
-
-def offline_hint() -> str:
-    """A sentence about offline mode when the environment asks for it, else empty."""
-    flags = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-             if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
-    if flags:
-        return (f"This machine is offline for the hub ({'='.join([flags[0], os.environ[flags[0]]])} is set; "
-                f"unset {flags[0]} only where the network can reach huggingface.co). ")
-    return "The hub could not be reached (no network?). "

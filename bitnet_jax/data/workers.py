@@ -1,4 +1,4 @@
-"""Tokenizing the loader thread's documents: in that thread (``data.num_workers: 0``; the tokenizer
+"""Tokenizing the loader thread's document pieces (``pieces.py``): in that thread (``data.num_workers: 0``; the tokenizer
 backend's own thread pool does the work) or in ``data.num_workers`` spawned processes, always
 returning results in submission order."""
 
@@ -9,6 +9,8 @@ from typing import Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from bitnet_jax.data.pieces import Piece
+
 T = TypeVar("T")
 _WORKER_TOKENIZER = None
 
@@ -18,12 +20,12 @@ def _init_worker(tok) -> None:
     _WORKER_TOKENIZER = tok
 
 
-def _encode(texts: Sequence[str]) -> list[np.ndarray]:
-    return _WORKER_TOKENIZER.encode_documents(texts)
+def _encode(pieces: Sequence[Piece]) -> list[np.ndarray]:
+    return _WORKER_TOKENIZER.encode_pieces(pieces)
 
 
 class DocumentTokenizer:
-    """``map(chunks)`` -> ``(token arrays, payload)`` per chunk of texts, in order.
+    """``map(chunks)`` -> ``(token arrays, payload)`` per chunk of pieces, in order (``encode_pieces``).
 
     With workers, up to ``2 * num_workers`` chunks are in flight, so the processes stay busy while
     the loader thread packs; with none, the tokenizer's batch call already uses every core (Rust
@@ -42,14 +44,14 @@ class DocumentTokenizer:
             self._pool = ProcessPoolExecutor(num_workers, mp_context=mp.get_context("spawn"),
                                              initializer=_init_worker, initargs=(tok,))
 
-    def map(self, chunks: Iterable[tuple[Sequence[str], T]]) -> Iterator[tuple[list[np.ndarray], T]]:
+    def map(self, chunks: Iterable[tuple[Sequence[Piece], T]]) -> Iterator[tuple[list[np.ndarray], T]]:
         if self._pool is None:
-            for texts, payload in chunks:
-                yield self.tok.encode_documents(texts), payload
+            for pieces, payload in chunks:
+                yield self.tok.encode_pieces(pieces), payload
             return
         pending: deque = deque()
-        for texts, payload in chunks:
-            pending.append((self._pool.submit(_encode, list(texts)), payload))
+        for pieces, payload in chunks:
+            pending.append((self._pool.submit(_encode, list(pieces)), payload))
             if len(pending) >= 2 * self.num_workers:
                 future, ready = pending.popleft()
                 yield future.result(), ready
