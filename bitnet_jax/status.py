@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bitnet_jax.checkpoint import complete_steps  # a light import: the module loads jax only in functions
+from bitnet_jax.run_dir import complete_steps  # files only: status never imports jax or Orbax
 from bitnet_jax.eventfile import EventLog, Series, is_event_file
 
 STAGE_NAMES = {1: "high LR + weight decay", 2: "cooldown, no weight decay"}

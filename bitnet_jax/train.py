@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 import time
@@ -16,8 +15,8 @@ from pathlib import Path
 from bitnet_jax import config as config_lib
 from bitnet_jax import distributed
 from bitnet_jax import resume as resume_lib
-from bitnet_jax.checkpoint import complete_steps
 from bitnet_jax.config import Config, ConfigError
+from bitnet_jax.run_dir import RunPaths, prepare_run_dir
 
 
 # --------------------------------------------------------------------------- CLI
@@ -98,36 +97,6 @@ def dry_run(cfg: Config) -> None:
 
 # --------------------------------------------------------------------------- the run
 
-@dataclasses.dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def tb(self) -> Path:
-        return self.root / "tb"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "tokenizer"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-
-def prepare_run_dir(cfg: Config, runs_dir: str, run_id: str | None) -> RunPaths:
-    root = Path(runs_dir) / (run_id or default_run_id(cfg))
-    paths = RunPaths(root.resolve())
-    if complete_steps(paths.root):  # refuse before writing anything
-        raise ConfigError(
-            f"{paths.root} already holds checkpoints; pass --resume {paths.root} to continue it "
-            f"(or --resume latest --run-id {root.name}), or choose another --run-id"
-        )
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text(config_lib.dump(cfg))
-    return paths
-
-
 def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = None,
           stop_at: int | None = None, run_eval: bool = True) -> dict:
     """Runs the whole training (or continues ``resume``, up to ``stop_at``); returns a summary (first
@@ -199,7 +168,7 @@ def train(cfg: Config, paths: RunPaths, resume: resume_lib.ResumePlan | None = N
 
     # Host-side objects saved with every checkpoint: state_dict() / load_state_dict(d).
     resumables: dict[str, object] = {"anomaly": anomalies, "metrics": metrics}
-    ckpt = CheckpointManager(paths.root, cfg)
+    ckpt = CheckpointManager(paths.root, cfg, kept=resume.kept if resume else None)
 
     def save(step: int) -> None:
         if anomalies.halt_reason is None:  # train.on_nan=halt: nothing from the bad step on is saved
@@ -331,9 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             args.run_id = default_run_id(cfg, distributed.broadcast_from_first(int(time.time())))
         if plan and not plan.target.new_run:
             paths = RunPaths(plan.target.run_dir)
-            (paths.root / "config.yaml").write_text(config_lib.dump(cfg))
+            paths.config.write_text(config_lib.dump(cfg))
         else:
-            paths = prepare_run_dir(cfg, args.runs_dir, args.run_id)
+            paths = prepare_run_dir(Path(args.runs_dir) / (args.run_id or default_run_id(cfg)), cfg)
         summary = train(cfg, paths, resume=plan, stop_at=args.stop_at, run_eval=not args.no_eval)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
