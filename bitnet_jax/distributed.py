@@ -122,3 +122,22 @@ def broadcast_from_first(value: int) -> int:
     # int32 halves: JAX arrays are 32-bit unless x64 is enabled.
     hi, lo = multihost_utils.broadcast_one_to_all(np.asarray([value >> 31, value & 0x7FFFFFFF], np.int32))
     return (int(hi) << 31) | int(lo)
+
+
+def gather_json(obj) -> list:
+    """Every process's ``obj`` (JSON-able), in process order; a collective when several processes run."""
+    import json
+
+    import jax
+    import numpy as np
+
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([raw.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: raw.size] = raw
+    rows = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+    return [json.loads(bytes(r[:n]).decode()) for r, n in zip(rows, sizes)]

@@ -191,7 +191,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
 
     Every check on the arguments runs before the checkpoint is read.
     """
-    from bitnet_jax.checkpoint import checkpoints_dir, complete_steps, load_params, read_config
+    from bitnet_jax.checkpoint import open_step, read_params
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if fmt not in FORMATS:
@@ -200,20 +200,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
         raise ExportError(f"run directory {run_dir} does not exist; give a folder made by train.py "
                           "(runs/<run_id>)")
     check_out_dir(out_dir, force, protected=(run_dir,))
-    steps = sorted(complete_steps(run_dir))
-    if not steps:
-        raise ExportError(f"{run_dir} holds no complete checkpoint (looked in {run_dir / 'checkpoints'}); "
-                          "train until the first save (checkpoint.every) or point at another run")
-    if step is not None and step not in steps:
-        raise ExportError(f"step {step} is not a complete checkpoint of {run_dir}; available steps: "
-                          f"{', '.join(map(str, steps))}")
+    opened = open_step(run_dir, step)  # the step's metadata only; its arrays are read last
     # The stored config is small JSON: check the format and the tokenizer against it before reading arrays.
-    stored_cfg = read_config(checkpoints_dir(run_dir) / str(steps[-1] if step is None else step))
-    check_format(stored_cfg, fmt)
-    load_checked_tokenizer(run_dir / "tokenizer", stored_cfg)
-    cfg, params, loaded = load_params(run_dir, step=step)
+    check_format(opened.cfg, fmt)
+    load_checked_tokenizer(run_dir / "tokenizer", opened.cfg)
+    cfg, params, loaded = opened.read(read_params)
     result = export_model(cfg, params, run_dir / "tokenizer", out_dir, fmt, force=force,
-                          source=f"{run_dir.resolve()} step {loaded}")
+                          source=f"{opened.run_dir} step {loaded}")
     return result, loaded
 
 

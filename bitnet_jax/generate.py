@@ -37,9 +37,10 @@ def generate_text(run_dir: str | Path, prompt: str, *, step: int | None = None, 
     checkpoint) with what to do when the run, step, tokenizer or prompt does not fit."""
     import jax
 
-    from bitnet_jax.checkpoint import abstract_model, checkpoints_dir, load_params, read_config, resolve_step
+    from bitnet_jax.checkpoint import open_step, read_params
     from bitnet_jax.data.tokenizer import load_run_tokenizer
     from bitnet_jax.generation import Generator
+    from bitnet_jax.model import abstract_model
     from bitnet_jax.samples import prompt_ids
 
     run_dir = Path(run_dir)
@@ -47,9 +48,10 @@ def generate_text(run_dir: str | Path, prompt: str, *, step: int | None = None, 
         raise ConfigError(f"{run_dir} is not a directory; give a run directory made by train.py (runs/<run_id>)")
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    opened = open_step(run_dir, step)  # the step's metadata only; its arrays are read last
     tokenizer = load_run_tokenizer(run_dir / "tokenizer")  # DataError is a ConfigError
     # The prompt must fit the model: checked from the stored config, before reading any arrays.
-    model_cfg = read_config(checkpoints_dir(run_dir) / str(resolve_step(run_dir, step))).model
+    model_cfg = opened.cfg.model
     ids = prompt_ids(tokenizer, prompt)
     graphdef, _ = abstract_model(model_cfg)
     generator = Generator(graphdef, max_positions=model_cfg.max_position_embeddings, eos_id=tokenizer.eos_id)
@@ -57,7 +59,7 @@ def generate_text(run_dir: str | Path, prompt: str, *, step: int | None = None, 
         generator.padded_length(len(ids), max_new_tokens)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _, params, loaded_step = load_params(run_dir, step)
+    _, params, loaded_step = opened.read(read_params)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), loaded_step)
     out = generator(params, ids, [MODES[mode]], max_new_tokens, key)
     return tokenizer.decode(out.tokens[0]), loaded_step

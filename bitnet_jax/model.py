@@ -284,3 +284,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     """Training FLOPs per token, ``6 N + 12 L d T`` (PaLM appendix B / nanoGPT), N without embeddings
     counted once as matmul weights (the tied head is a matmul, the lookup is not)."""
     return 6 * count_params(cfg) + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """``(graphdef, params)`` of a ``BitNetLM`` for ``cfg``, shapes only (nothing allocated)."""
+    model = nnx.eval_shape(lambda: BitNetLM(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params

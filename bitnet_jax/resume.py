@@ -20,16 +20,20 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import shutil
 import sys
-import time
-import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from bitnet_jax import checkpoint as ckpt_lib
 from bitnet_jax import config as config_lib
-from bitnet_jax.checkpoint import CheckpointDamaged, CheckpointError
 from bitnet_jax.config import Config, ConfigError
+from bitnet_jax.distributed import gather_json
+from bitnet_jax.run_dir import (CheckpointDamaged, CheckpointError, SavedStep, checkpoints_dir, permanent_steps,
+                                read_config)
+
+# bitnet_jax.checkpoint (jax, flax, Orbax) is imported where a checkpoint is read: train.py's checks of
+# its arguments and config run, and fail, before several seconds of imports.
+if TYPE_CHECKING:
+    from bitnet_jax.checkpoint import OpenStep
 
 # Keys that do not change the math of the remaining steps: reporting, intervals, throughput knobs.
 # (eval.batches is not here: with data.eval_documents null it sets how many documents are held out
@@ -55,7 +59,7 @@ def parse_target(resume: str, runs_dir: str, run_id: str | None) -> ResumeTarget
             raise ConfigError(f"--resume {resume} needs to know the run: add --run-id ID (and --runs-dir "
                               "if it is not under runs/), or pass --resume RUN_DIR")
         run_dir = Path(runs_dir) / run_id
-        if not ckpt_lib.checkpoints_dir(run_dir).is_dir():
+        if not checkpoints_dir(run_dir).is_dir():
             raise ConfigError(f"--resume {resume}: {run_dir} has no checkpoints/ folder; check --run-id "
                               "and --runs-dir")
         return ResumeTarget(run_dir.resolve(), None if resume == "latest" else int(resume), new_run=False)
@@ -63,7 +67,7 @@ def parse_target(resume: str, runs_dir: str, run_id: str | None) -> ResumeTarget
     if not path.exists():
         raise ConfigError(f"--resume {resume}: no such file or folder; pass latest or STEP with --run-id, "
                           "a run directory, or a checkpoint directory RUN_DIR/checkpoints/STEP")
-    if ckpt_lib.checkpoints_dir(path).is_dir():
+    if checkpoints_dir(path).is_dir():
         if run_id and Path(runs_dir, run_id).resolve() != path.resolve():
             raise ConfigError(f"--resume {resume} continues that run in place; drop --run-id {run_id} "
                               f"(or pass --resume {resume}/checkpoints/STEP to start a new run from it)")
@@ -83,13 +87,17 @@ def may_change(key: str) -> bool:
 
 
 def resolve_config(target: ResumeTarget, step_dir: Path, config_path: str | None,
-                   overrides: list[str]) -> Config:
-    """The config of the resumed run: the stored one with the allowed changes (see the module doc)."""
-    stored = ckpt_lib.read_config(step_dir)
+                   overrides: list[str], stored: Config | None = None) -> Config:
+    """The config of the resumed run: the stored one with the allowed changes (see the module doc).
+    ``stored``: the config stored in ``step_dir``, when the caller has read it already."""
+    if stored is None:
+        stored = read_config(step_dir)
     if config_path is not None:
         cfg = config_lib.load(config_path, overrides)
-    else:
+    elif overrides:
         cfg = config_lib.from_dict(config_lib.apply_overrides(stored.to_dict(), overrides))
+    else:
+        cfg = stored
     if not target.new_run:
         changed = config_lib.diff_keys(stored, cfg)
         refused = [k for k in changed if not may_change(k)]
@@ -109,56 +117,31 @@ def resolve_config(target: ResumeTarget, step_dir: Path, config_path: str | None
     return cfg
 
 
-def check_continuable(target: ResumeTarget, step: int, dry_run: bool = False) -> None:
+def check_continuable(target: ResumeTarget, step: int, scan: dict[int, SavedStep], dry_run: bool = False) -> None:
     """A run continued in place will save steps after ``step`` again: refuse when complete newer
     checkpoints exist (they would be overwritten), move incomplete newer directories aside (with
-    ``dry_run``: only say which would be moved)."""
+    ``dry_run``: only say which would be moved). ``scan``: the run's ``run_dir.scan_steps``."""
     if target.new_run:
         return
-    problems = {s: problem for s, problem in ckpt_lib.step_problems(target.run_dir).items() if s > step}
+    problems = {s: saved.problem for s, saved in scan.items() if s > step}
     newer = [s for s, problem in problems.items() if problem is None]
     if newer:
         raise ConfigError(
             f"step {step} is not the newest checkpoint of {target.run_dir} (newer: {newer}); continuing "
             f"from it in place would overwrite them. Branch into a new run instead: --resume "
-            f"{ckpt_lib.checkpoints_dir(target.run_dir) / str(step)} --run-id NEW_ID")
+            f"{checkpoints_dir(target.run_dir) / str(step)} --run-id NEW_ID")
     # (with several processes, one listing after process 0 has moved a step sees fewer; fine: only
     # process 0 moves, and move_aside is called on every process to meet at its barrier)
     moves = {s: problem for s, problem in problems.items() if problem is not None}
     if dry_run:
         for s, problem in moves.items():
             print(f"dry run: would move the incomplete checkpoint "
-                  f"{ckpt_lib.checkpoints_dir(target.run_dir) / str(s)} ({problem}) to "
+                  f"{checkpoints_dir(target.run_dir) / str(s)} ({problem}) to "
                   f"{target.run_dir / 'damaged_checkpoints'}/", file=sys.stderr)
         return
+    from bitnet_jax.checkpoint import move_aside
+
     move_aside(target.run_dir, moves)
-
-
-def move_aside(run_dir: Path, steps: dict[int, str]) -> None:
-    """Moves damaged step directories (step -> problem) out of Orbax's way (the continued run saves
-    those steps again) into RUN_DIR/damaged_checkpoints/, keeping them for inspection.
-
-    Several processes: every process calls this at the same point, and only process 0 touches the
-    folders; the others wait at a barrier until it is done, so no two processes race to move the same
-    directory and none reads checkpoints/ half-way through. The barrier is unconditional (``steps``
-    may be empty): a process that lists checkpoints/ after process 0 has moved a step sees nothing to
-    move, yet must meet it at the same barrier."""
-    import jax
-
-    several = jax.distributed.is_initialized()  # (asks without starting a backend: dry runs stay light)
-    try:
-        if steps and (not several or jax.process_index() == 0):
-            for step, problem in steps.items():
-                src = ckpt_lib.checkpoints_dir(run_dir) / str(step)
-                dst = run_dir / "damaged_checkpoints" / f"{step}.{int(time.time())}"
-                dst.parent.mkdir(exist_ok=True)
-                shutil.move(str(src), str(dst))
-                warnings.warn(f"moved damaged checkpoint {src} ({problem}) to {dst}", stacklevel=2)
-    finally:  # process 0 reaches the barrier even when a move fails (it then raises after it)
-        if several:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("bitnet_jax: damaged checkpoints moved aside")
 
 
 def check_stop_at(stop_at: int | None, cfg: Config, start_step: int = 0) -> None:
@@ -176,56 +159,42 @@ class Restored:
     meta: dict  # the checkpoint's meta item (step, tokens_seen, config, resumables, ...)
     step: int
     step_dir: Path
+    stored_cfg: Config | None = None  # the config stored in the checkpoint
 
 
-def restore(target: ResumeTarget, step: int, like, shardings) -> Restored:
-    """Restores ``step`` of ``target`` into ``like``'s structure.
+def restore(target: ResumeTarget, step: int, like, shardings, opened: OpenStep | None = None) -> Restored:
+    """Restores ``step`` of ``target`` into ``like``'s structure (``opened``: that step as ``plan``
+    opened it). With ``latest`` (``target.step`` None) a damaged step gives way to the next older
+    one, once, and is moved aside when the run continues in place (``checkpoint.OpenStep.read``);
+    an explicit step is never replaced by another."""
+    from bitnet_jax import checkpoint as ckpt_lib
 
-    With ``latest`` (``target.step`` None), a step whose files turn out to be damaged
-    (``CheckpointDamaged``: missing, truncated, undecodable) is moved aside (warning naming it) and the
-    next older complete step is tried, once: a second damaged step raises, naming what to pass, and
-    stays where it is. Any other error (out of memory, sharding, file system) is raised as it is and
-    moves nothing. An explicit step is never replaced by another."""
-    fallback_from: CheckpointDamaged | None = None
-    while True:
-        step_dir = ckpt_lib.checkpoints_dir(target.run_dir) / str(step)
-        older = [s for s in ckpt_lib.complete_steps(target.run_dir) if s < step]  # before anything moves
-        mngr = ckpt_lib.CheckpointManager(target.run_dir, ckpt_lib.read_config(step_dir), read_only=True)
+    if opened is None:
+        opened = ckpt_lib.open_step(target.run_dir, step, fallback=target.step is None, resuming=True)
+
+    def read(s: OpenStep) -> Restored:
+        mngr = ckpt_lib.CheckpointManager(target.run_dir, s.cfg, read_only=True)
         try:
-            state, data_states, meta = _restore_on_every_process(mngr, step, like, shardings)
-        except CheckpointDamaged as e:
-            damaged = e
-        else:
-            return Restored(state, this_process_data(data_states, target, step_dir), meta, step, step_dir)
+            state, data_states, meta = _restore_on_every_process(mngr, s, like, shardings)
         finally:
             mngr.close()
-        if fallback_from is not None:
-            raise CheckpointDamaged(damaged.step_dir, (
-                f"{damaged.reason}. It is the second damaged step in a row (the newer "
-                f"{fallback_from.step_dir} was moved to {target.run_dir / 'damaged_checkpoints'}/), so "
-                "no older step is tried without your say; nothing else was moved. To go on from an older "
-                f"step, start a new run from it: --resume {ckpt_lib.checkpoints_dir(target.run_dir)}/STEP "
-                f"--run-id NEW_ID (complete older steps: {older or 'none'}); or, if {step_dir} is beyond "
-                "repair, move it out of checkpoints/ and --resume latest again")) from None
-        if target.step is not None or not older:
-            raise damaged
-        warnings.warn(f"skipping checkpoint: {damaged}; trying step {older[-1]}", stacklevel=2)
-        if not target.new_run:
-            move_aside(target.run_dir, {step: damaged.reason})
-        fallback_from, step = damaged, older[-1]
+        return Restored(state, this_process_data(data_states, target, s.path), meta, s.step, s.path, s.cfg)
+
+    return opened.read(read, move_damaged=not target.new_run)
 
 
-def _restore_on_every_process(mngr, step: int, like, shardings):
+def _restore_on_every_process(mngr, opened: OpenStep, like, shardings):
     """``mngr.restore`` with the processes agreeing on the outcome: a step damaged for one process
     (each reads only the array chunks it holds) is damaged for all, so they all fall back to the
     same step; an error on one makes the others stop too instead of training on alone."""
     import jax
 
+    step = opened.step
     if jax.process_count() == 1:
-        return mngr.restore(step, like, shardings)
+        return mngr.restore(step, like, shardings, opened)
     outcome, error, result = "ok", None, None
     try:
-        result = mngr.restore(step, like, shardings)
+        result = mngr.restore(step, like, shardings, opened)
     except CheckpointDamaged as e:
         outcome, error = "damaged", e
     except Exception as e:  # re-raised below, after the others have heard of it
@@ -233,15 +202,14 @@ def _restore_on_every_process(mngr, step: int, like, shardings):
     # A collective: every process gets here. (An error raised on one process before Orbax's own
     # collectives inside restore leaves the others at those instead; gloo then aborts them all: the run
     # still stops, just less tidily.)
-    outcomes = ckpt_lib.gather_json(outcome)
+    outcomes = gather_json(outcome)
     if error is not None and (outcome == "error" or "error" not in outcomes):
         raise error
     if "error" in outcomes:
         raise CheckpointError(f"process {outcomes.index('error')} failed to restore step {step} (see its "
                               "output); this process stops with it")
     if "damaged" in outcomes:
-        raise error or CheckpointDamaged(ckpt_lib.checkpoints_dir(mngr.run_dir) / str(step),
-                                         f"process {outcomes.index('damaged')} could not read its part")
+        raise error or CheckpointDamaged(opened.path, f"process {outcomes.index('damaged')} could not read its part")
     return result
 
 
@@ -268,6 +236,9 @@ class ResumePlan:
     target: ResumeTarget
     step: int
     step_dir: Path
+    opened: OpenStep | None = None  # the step, validated once (``checkpoint.open_step``)
+    abstract: tuple | None = None  # (graphdef, abstract TrainState) of the run's config
+    kept: list[int] | None = None  # steps permanent under the config they were saved with (in place)
 
 
 def plan(resume: str, runs_dir: str, run_id: str | None, config_path: str | None,
@@ -275,18 +246,24 @@ def plan(resume: str, runs_dir: str, run_id: str | None, config_path: str | None
     """Resolves ``--resume`` and the config it runs with (see the module docstring); raises
     ConfigError with what to pass instead when anything does not fit. ``dry_run``: changes nothing on
     disk (incomplete newer step directories are only named, not moved aside)."""
+    from bitnet_jax.checkpoint import open_step
+    from bitnet_jax.state_tree import abstract_tree
+    from bitnet_jax.train_state import abstract_state
+
     target = parse_target(resume, runs_dir, run_id)
-    step = ckpt_lib.resolve_step(target.run_dir, target.step)  # the named or newest complete step
-    step_dir = ckpt_lib.checkpoints_dir(target.run_dir) / str(step)
-    cfg = resolve_config(target, step_dir, config_path, overrides)
+    opened = open_step(target.run_dir, target.step, resuming=True)  # the named or newest complete step
+    step, step_dir = opened.step, opened.path
+    cfg = resolve_config(target, step_dir, config_path, overrides, stored=opened.cfg)
     if step >= cfg.train.steps:
         raise ConfigError(f"{step_dir} is the end of its run (train.steps = {cfg.train.steps}); nothing to "
                           "continue. To train further, start a new run from it with a larger train.steps: "
                           f"--resume {step_dir} --run-id NEW_ID --set train.steps=N")
     check_stop_at(stop_at, cfg, step)
-    ckpt_lib.check_fits(step_dir, cfg)
-    check_continuable(target, step, dry_run=dry_run)
-    return cfg, ResumePlan(target, step, step_dir)
+    abstract = abstract_state(cfg)  # no random init: shapes only
+    opened.check_fits(abstract_tree(abstract[1]))
+    check_continuable(target, step, opened.scan, dry_run=dry_run)
+    kept = None if target.new_run else permanent_steps(target.run_dir, opened.scan)
+    return cfg, ResumePlan(target, step, step_dir, opened, abstract, kept)
 
 
 # Keys whose change makes the stored data position meaningless for a new run (a new stream then starts).
@@ -303,13 +280,14 @@ def initial_state(cfg: Config, mesh, plan: ResumePlan | None):
         graphdef, state = train_state.init_state(cfg)
         state, shardings = train_state.place_state(state, mesh)
         return graphdef, state, shardings, None
-    graphdef, abstract = train_state.abstract_state(cfg)  # no random init: the checkpoint fills it
+    # no random init: the checkpoint fills it
+    graphdef, abstract = plan.abstract or train_state.abstract_state(cfg)
     shardings = state_shardings(abstract, mesh)
-    restored = restore(plan.target, plan.step, abstract, shardings)
+    restored = restore(plan.target, plan.step, abstract, shardings, plan.opened)
     print(f"resuming from {restored.step_dir} (step {restored.step}, "
           f"{restored.meta.get('tokens_seen', 0):,} tokens seen)", file=sys.stderr)
     if plan.target.new_run:
-        changed = [k for k in config_lib.diff_keys(ckpt_lib.read_config(restored.step_dir), cfg)
+        changed = [k for k in config_lib.diff_keys(restored.stored_cfg, cfg)
                    if _matches(k, _DATA_KEYS) and not may_change(k)]
         if changed:
             print(f"note: changed from {restored.step_dir}: {', '.join(changed)}; the new run's data "

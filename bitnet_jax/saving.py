@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from bitnet_jax.checkpoint import CheckpointManager, checkpoints_dir, mandatory_steps
+from bitnet_jax.checkpoint import CheckpointManager
+from bitnet_jax.run_dir import checkpoints_dir, mandatory_steps
 from bitnet_jax.config import Config
 from bitnet_jax.hooks import Hook, StepInfo
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from bitnet_jax import config as config_lib
 from bitnet_jax import distributed
 from bitnet_jax import resume as resume_lib
-from bitnet_jax.checkpoint import complete_steps
 from bitnet_jax.config import Config, ConfigError
+from bitnet_jax.run_dir import RunPaths, prepare_run_dir
 from bitnet_jax.units import format_count
 
 
@@ -91,36 +91,6 @@ def dry_run(cfg: Config) -> None:
 
 # --------------------------------------------------------------------------- the run
 
-@dataclasses.dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def tb(self) -> Path:
-        return self.root / "tb"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "tokenizer"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-
-def prepare_run_dir(cfg: Config, runs_dir: str, run_id: str | None) -> RunPaths:
-    root = Path(runs_dir) / (run_id or default_run_id(cfg))
-    paths = RunPaths(root.resolve())
-    if complete_steps(paths.root):  # refuse before writing anything
-        raise ConfigError(
-            f"{paths.root} already holds checkpoints; pass --resume {paths.root} to continue it "
-            f"(or --resume latest --run-id {root.name}), or choose another --run-id"
-        )
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text(config_lib.dump(cfg))
-    return paths
-
-
 @dataclasses.dataclass(frozen=True)
 class RunInputs:
     """What a start reads before it writes anything: a bad tokenizer or data file fails here, before
@@ -191,7 +161,7 @@ def train(cfg: Config, paths: RunPaths, inputs: RunInputs, resume: resume_lib.Re
                           peak_flops_total=peak * jax.device_count() if peak else None,
                           window=max(1000, cfg.eval.every))  # eval/train_eval_gap averages since the last eval
     anomalies = AnomalyDetector(cfg, paths.root, tb, tokenizer, write=writer, warn=console.warn)
-    ckpt = CheckpointManager(paths.root, cfg)
+    ckpt = CheckpointManager(paths.root, cfg, kept=resume.kept if resume else None)
     resumables = {"anomaly": anomalies, "metrics": fetcher}  # host state saved with every checkpoint
     if restored:
         resume_lib.load_resumables(resumables, restored.meta)
@@ -374,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         inputs = read_inputs(cfg)  # before the run folder exists: a bad data file or tokenizer leaves nothing
         if plan and not plan.target.new_run:
             paths = RunPaths(plan.target.run_dir)
-            (paths.root / "config.yaml").write_text(config_lib.dump(cfg))
+            paths.config.write_text(config_lib.dump(cfg))
         else:
-            paths = prepare_run_dir(cfg, args.runs_dir, args.run_id)
+            paths = prepare_run_dir(Path(args.runs_dir) / (args.run_id or default_run_id(cfg)), cfg)
         summary = train(cfg, paths, inputs, resume=plan, stop_at=args.stop_at, run_eval=not args.no_eval)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

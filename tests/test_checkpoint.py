@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from bitnet_jax import checkpoint as ck
+from bitnet_jax import run_dir as rd
+from bitnet_jax.damage import damage_reason
 from bitnet_jax import config as config_lib
 from bitnet_jax import resume as resume_lib
 from bitnet_jax import sharding, train_state
@@ -99,46 +101,28 @@ def test_load_params_gives_config_model_params_and_step(tmp_path, placed):
     assert ck.load_params(tmp_path, 5)[2] == 5
 
 
-def test_policy_keeps_mandatory_every_and_newest_others():
-    policy = ck.KeepPolicy(every=5, keep_last=2, mandatory=[9, 20])
-
-    class Info:
-        def __init__(self, step):
-            self.step = step
-
-    steps = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
-    kept = [s for s, keep in zip(steps, policy.should_preserve([Info(s) for s in steps])) if keep]
-    assert kept == [5, 9, 10, 12, 13]
-    # keep_last=0 still never deletes the newest step (a SIGTERM save must survive)
-    policy0 = ck.KeepPolicy(every=5, keep_last=0, mandatory=[])
-    assert policy0.should_preserve([Info(4), Info(5), Info(7)]) == [False, True, True]
-    # steps permanent under an earlier config (kept) stay, whatever the current every says
-    policy_kept = ck.KeepPolicy(every=5, keep_last=0, mandatory=[], kept=[2, 4])
-    assert policy_kept.should_preserve([Info(s) for s in (2, 3, 4, 5, 7)]) == [True, False, True, True, True]
-
-
 def test_orbax_deletes_what_the_policy_drops(tmp_path, placed):
     cfg = tiny_cfg(train={"steps": 12}, optim={"stage_switch": 8, "warmup_steps": 2})
     _, _, state, _ = placed
     save_steps(tmp_path, cfg, state, range(1, 13))
     # every 5: 5, 10; mandatory: 7, 8 (stage switch) and 12 (final); newest two others: 9, 11
-    assert ck.complete_steps(tmp_path) == [5, 7, 8, 9, 10, 11, 12]
-    assert ck.mandatory_steps(cfg) == [7, 8, 12]
-    assert [s for s in range(1, 13) if ck.is_save_step(cfg, s)] == [5, 7, 8, 10, 12]
+    assert rd.complete_steps(tmp_path) == [5, 7, 8, 9, 10, 11, 12]
+    assert rd.mandatory_steps(cfg) == [7, 8, 12]
+    assert [s for s in range(1, 13) if rd.is_save_step(cfg, s)] == [5, 7, 8, 10, 12]
 
 
 def resave_with(run_dir, cfg, state, steps):
     """What a run resumed in place with ``cfg`` does: a new writer on the same folder saves ``steps``."""
     save_steps(run_dir, cfg, state, steps)
-    return ck.complete_steps(run_dir)
+    return rd.complete_steps(run_dir)
 
 
 def test_resume_with_another_every_keeps_the_old_permanent_steps(tmp_path, placed):
     _, _, state, _ = placed
     every2 = tiny_cfg(train={"steps": 100}, checkpoint={"every": 2, "keep_last": 1, "async_save": False})
     save_steps(tmp_path, every2, state, [2, 4, 6, 7])
-    assert ck.complete_steps(tmp_path) == [2, 4, 6, 7]
-    assert [ck.read_meta(tmp_path / "checkpoints" / str(s))["permanent"] for s in (2, 4, 6, 7)] == [
+    assert rd.complete_steps(tmp_path) == [2, 4, 6, 7]
+    assert [rd.read_meta(tmp_path / "checkpoints" / str(s))["permanent"] for s in (2, 4, 6, 7)] == [
         True, True, True, False]
     every5 = tiny_cfg(train={"steps": 100}, checkpoint={"every": 5, "keep_last": 1, "async_save": False})
     # 2, 4, 6 were every-N steps when saved: still kept; 7 is the newest other step; 10 every-N now
@@ -156,7 +140,7 @@ def test_steps_saved_without_the_permanent_flag_use_their_stored_config(tmp_path
         meta = json.loads(path.read_text())
         del meta["permanent"]
         path.write_text(json.dumps(meta))
-    assert ck.permanent_steps(tmp_path) == [2, 4]
+    assert rd.permanent_steps(tmp_path) == [2, 4]
     every5 = tiny_cfg(train={"steps": 100}, checkpoint={"every": 5, "keep_last": 0, "async_save": False})
     assert resave_with(tmp_path, every5, state, [6]) == [2, 4, 6]
 
@@ -165,7 +149,7 @@ def damage(step_dir: Path, how: str) -> None:
     if how == "unfinished":  # what a kill -9 during the write leaves: Orbax's tmp folder
         step_dir.rename(step_dir.with_name(f"{step_dir.name}.orbax-checkpoint-tmp-123"))
     elif how == "no_commit":
-        (step_dir / ck.COMMIT_FILE).unlink()
+        (step_dir / rd.COMMIT_FILE).unlink()
     elif how == "meta_missing":
         (step_dir / "meta" / "metadata").unlink()
     elif how == "meta_truncated":
@@ -209,7 +193,7 @@ def test_latest_skips_an_incomplete_step_with_a_warning_naming_it(tmp_path, plac
     assert step == 5
     if how != "unfinished":  # a tmp folder is not a step at all: nothing to warn about
         assert any(str(tmp_path / "checkpoints" / "10") in str(w.message) for w in caught)
-        with pytest.raises(ck.CheckpointError, match="incomplete or damaged"):
+        with pytest.raises(rd.CheckpointError, match="incomplete or damaged"):
             ck.load_params(tmp_path, 10)
 
 
@@ -219,7 +203,7 @@ def test_latest_skips_a_step_whose_array_file_is_truncated(tmp_path, placed):
     damage(tmp_path / "checkpoints" / "10", "array_truncated")
     with pytest.warns(UserWarning, match=r"checkpoints/10"):
         assert ck.load_params(tmp_path)[2] == 5
-    with pytest.raises(ck.CheckpointError, match=r"checkpoints/10 is damaged"):
+    with pytest.raises(rd.CheckpointError, match=r"checkpoints/10 is damaged"):
         ck.load_params(tmp_path, 10)
 
 
@@ -229,10 +213,10 @@ def test_damage_that_only_reading_finds_raises_checkpoint_damaged(tmp_path, plac
     cfg, _, state, shardings = placed
     save_steps(tmp_path, cfg, state, [5])
     damage(tmp_path / "checkpoints" / "5", how)
-    assert ck.step_problem(tmp_path / "checkpoints" / "5") is None  # structurally complete
+    assert rd.step_problem(tmp_path / "checkpoints" / "5") is None  # structurally complete
     _, abstract = train_state.abstract_state(cfg)
     mngr = ck.CheckpointManager(tmp_path, cfg, read_only=True)
-    with pytest.raises(ck.CheckpointDamaged, match=r"checkpoints/5 is damaged"):
+    with pytest.raises(rd.CheckpointDamaged, match=r"checkpoints/5 is damaged"):
         mngr.restore(5, abstract, shardings)
     mngr.close()
 
@@ -257,10 +241,10 @@ def test_damage_reason_tells_damage_from_other_errors(tmp_path):
                ValueError("UNAVAILABLE: try again"), ValueError("PERMISSION_DENIED: Error decoding"),
                ValueError("sharding mismatch"), PermissionError("denied"), MemoryError(), KeyError("x"),
                wrapped(ValueError("DATA_LOSS: x"), outer=RuntimeError)]
-    assert all(ck.damage_reason(e, tmp_path) for e in damaged)
-    assert not any(ck.damage_reason(e, tmp_path) for e in healthy)
+    assert all(damage_reason(e, tmp_path) for e in damaged)
+    assert not any(damage_reason(e, tmp_path) for e in healthy)
     # a step that is gone altogether was moved, not damaged
-    assert ck.damage_reason(damaged[0], tmp_path / "gone") is None
+    assert damage_reason(damaged[0], tmp_path / "gone") is None
 
 
 def fail_restore(monkeypatch, first_only=False):
@@ -291,10 +275,10 @@ def test_an_error_that_is_not_damage_surfaces_and_moves_nothing(tmp_path, placed
         warnings.simplefilter("always")
         with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED") as info:
             resume_lib.restore(target, 10, abstract, shardings)
-    assert not isinstance(info.value, ck.CheckpointError)
+    assert not isinstance(info.value, rd.CheckpointError)
     assert any("checkpoints/10" in note and "left in place" in note for note in info.value.__notes__)
     assert len(calls) == 1  # no fallback to an older step
-    assert ck.complete_steps(tmp_path) == [5, 10]
+    assert rd.complete_steps(tmp_path) == [5, 10]
     assert not (tmp_path / "damaged_checkpoints").exists()
     assert not [w for w in caught if "skipping" in str(w.message) or "moved" in str(w.message)]
 
@@ -311,8 +295,12 @@ def test_load_params_surfaces_an_error_that_is_not_damage(tmp_path, placed, monk
     monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", restore)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "skipping" warning: nothing falls back
-        with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED") as info:
             ck.load_params(tmp_path)
+    # generate and export read through load_params: the advice must not be to resume
+    (note,) = info.value.__notes__
+    assert "checkpoints/10" in note and "left in place" in note and "run the command again" in note
+    assert "resume" not in note
 
 
 def test_resume_falls_back_at_most_one_damaged_step(tmp_path, placed):
@@ -323,11 +311,11 @@ def test_resume_falls_back_at_most_one_damaged_step(tmp_path, placed):
     target = resume_lib.ResumeTarget(tmp_path, None, new_run=False)
     _, abstract = train_state.abstract_state(cfg)
     with pytest.warns(UserWarning, match=r"checkpoints/15"):
-        with pytest.raises(ck.CheckpointDamaged, match=r"checkpoints/10 is damaged.*second damaged step.*"
+        with pytest.raises(rd.CheckpointDamaged, match=r"checkpoints/10 is damaged.*second damaged step.*"
                                                        r"--resume .*checkpoints/STEP --run-id NEW_ID.*\[5\]"):
             resume_lib.restore(target, 15, abstract, shardings)
     # only the first damaged step was moved; 10 stays for the user to judge; 5 untouched
-    assert ck.complete_steps(tmp_path) == [5, 10]
+    assert rd.complete_steps(tmp_path) == [5, 10]
     assert [p.name.split(".")[0] for p in (tmp_path / "damaged_checkpoints").iterdir()] == ["15"]
 
     # load_params (read-only) gives up after one fallback too, and moves nothing
@@ -336,10 +324,10 @@ def test_resume_falls_back_at_most_one_damaged_step(tmp_path, placed):
     damage(other / "checkpoints" / "15", "array_truncated")
     damage(other / "checkpoints" / "10", "array_truncated")
     with pytest.warns(UserWarning, match=r"checkpoints/15"):
-        with pytest.raises(ck.CheckpointDamaged, match=r"checkpoints/10 is damaged.*checkpoints/15 is damaged "
+        with pytest.raises(rd.CheckpointDamaged, match=r"checkpoints/10 is damaged.*checkpoints/15 is damaged "
                                                        r"too.*older complete steps: \[5\]"):
             ck.load_params(other)
-    assert ck.complete_steps(other) == [5, 10, 15]
+    assert rd.complete_steps(other) == [5, 10, 15]
 
 
 def test_an_explicit_damaged_step_is_never_replaced(tmp_path, placed):
@@ -347,9 +335,9 @@ def test_an_explicit_damaged_step_is_never_replaced(tmp_path, placed):
     save_steps(tmp_path, cfg, state, [5, 10])
     damage(tmp_path / "checkpoints" / "10", "array_truncated")
     _, abstract = train_state.abstract_state(cfg)
-    with pytest.raises(ck.CheckpointDamaged, match=r"checkpoints/10 is damaged"):
+    with pytest.raises(rd.CheckpointDamaged, match=r"checkpoints/10 is damaged"):
         resume_lib.restore(resume_lib.ResumeTarget(tmp_path, 10, new_run=False), 10, abstract, shardings)
-    assert ck.complete_steps(tmp_path) == [5, 10] and not (tmp_path / "damaged_checkpoints").exists()
+    assert rd.complete_steps(tmp_path) == [5, 10] and not (tmp_path / "damaged_checkpoints").exists()
 
 
 def test_resume_of_a_truncated_latest_falls_back_and_moves_it_aside(tmp_path, placed):
@@ -361,7 +349,7 @@ def test_resume_of_a_truncated_latest_falls_back_and_moves_it_aside(tmp_path, pl
     with pytest.warns(UserWarning, match=r"checkpoints/10"):
         restored = resume_lib.restore(target, 10, abstract, shardings)
     assert restored.step == 5 and leaves_equal(restored.state, state)
-    assert ck.complete_steps(tmp_path) == [5]  # 10 will be saved again by the continued run
+    assert rd.complete_steps(tmp_path) == [5]  # 10 will be saved again by the continued run
     assert [p.name.split(".")[0] for p in (tmp_path / "damaged_checkpoints").iterdir()] == ["10"]
 
 
@@ -371,28 +359,34 @@ def test_shape_mismatch_names_the_first_differing_parameter(tmp_path, placed):
     wider = tiny_cfg(model={"intermediate_size": 96})
     _, abstract = train_state.abstract_state(wider)
     mngr = ck.CheckpointManager(tmp_path, wider, read_only=True)
-    with pytest.raises(ck.CheckpointError, match=r"params\.layers\.0\.mlp\.down_proj\.weight is \(64, 32\)"):
+    with pytest.raises(rd.CheckpointError, match=r"params\.layers\.0\.mlp\.down_proj\.weight is \(64, 32\)"):
         mngr.restore(5, abstract)
     mngr.close()
 
 
+def readme_orbax_recipe() -> str:
+    """The README's "Reading a checkpoint with Orbax alone" code block."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("Reading a checkpoint with Orbax alone"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("```\n", 10)]
+
+
 def test_stock_orbax_reads_the_params_without_this_project(tmp_path, placed):
-    """The README recipe, run in a fresh interpreter that never imports bitnet_jax."""
+    """The README recipe, run in a fresh interpreter that never imports bitnet_jax, with the step
+    directory given relative to the working directory."""
     cfg, _, state, _ = placed
     save_steps(tmp_path, cfg, state, [5])
-    recipe = textwrap.dedent(f"""
-        import json, sys
+    recipe = readme_orbax_recipe()
+    assert '"runs/<run_id>/checkpoints/600"' in recipe
+    recipe = recipe.replace('"runs/<run_id>/checkpoints/600"', '"checkpoints/5"') + textwrap.dedent("""
+        import sys
         import numpy as np
-        import orbax.checkpoint as ocp
-        step_dir = {str(tmp_path / "checkpoints" / "5")!r}
-        state = ocp.StandardCheckpointer().restore(step_dir + "/state")  # nested dicts of arrays
-        params = state["params"]
-        meta = json.load(open(step_dir + "/meta/metadata"))
+        meta = json.loads((step_dir / "meta" / "metadata").read_text())
         assert "bitnet_jax" not in sys.modules
         w = params["layers"]["0"]["mlp"]["down_proj"]["weight"]
         np.save("down_proj.npy", np.asarray(w))
-        print(json.dumps({{"step": int(state["step"]), "meta_step": meta["step"],
-                          "hidden": meta["config"]["model"]["hidden_size"]}}))
+        print(json.dumps({"step": int(state["step"]), "meta_step": meta["step"],
+                          "hidden": config["model"]["hidden_size"]}))
     """)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", recipe], capture_output=True, text=True, env=env,
@@ -446,7 +440,7 @@ def test_new_run_from_a_checkpoint_of_another_shape_is_refused_before_writing(tm
     cfg, _, state, _ = placed
     save_steps(tmp_path / "runs" / "r1", cfg, state, [5])
     step_dir = tmp_path / "runs" / "r1" / "checkpoints" / "5"
-    with pytest.raises(ck.CheckpointError, match=r"params\.embed_tokens is \(300, 32\) float32 in the "
+    with pytest.raises(rd.CheckpointError, match=r"params\.embed_tokens is \(300, 32\) float32 in the "
                                                  r"checkpoint but \(300, 64\)"):
         resume_lib.plan(str(step_dir), str(tmp_path / "runs"), "r2", None, ["model.hidden_size=64"], None)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r1"]
@@ -466,7 +460,7 @@ def test_changing_mesh_on_resume_notes_that_it_is_not_bit_for_bit(tmp_path, plac
 
 def incomplete_newer_step(tmp_path, cfg, state):
     save_steps(tmp_path, cfg, state, [5, 10])
-    (tmp_path / "checkpoints" / "10" / ck.COMMIT_FILE).unlink()  # a save that never finished
+    (tmp_path / "checkpoints" / "10" / rd.COMMIT_FILE).unlink()  # a save that never finished
 
 
 def test_dry_run_names_incomplete_steps_without_moving_them(tmp_path, placed, capsys):
@@ -546,8 +540,8 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(tmp_path, place
     monkeypatch.setattr(mngr._mngr, "save", disk_full)
     mngr.save(10, state, data_state={"pos": 10})
     mngr._pending.exception()  # wait for the background call to end (it failed)
-    with pytest.raises(ck.CheckpointError, match=r"No space left on device.*stops at step 11\. "
+    with pytest.raises(rd.CheckpointError, match=r"No space left on device.*stops at step 11\. "
                                                   r"Complete checkpoints: \[5\]"):
         mngr.check_background_errors(11)
     mngr.close()
-    assert ck.complete_steps(tmp_path) == [5]
+    assert rd.complete_steps(tmp_path) == [5]

@@ -265,7 +265,8 @@ def trained_run(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_cli_exports_a_real_run_that_transformers_runs(trained_run, tmp_path):
-    from bitnet_jax.checkpoint import complete_steps, load_params
+    from bitnet_jax.checkpoint import load_params
+    from bitnet_jax.run_dir import complete_steps
 
     assert complete_steps(trained_run)[-1] == 10
     out = subprocess.run([sys.executable, "-m", "bitnet_jax.export", str(trained_run), "--out",
@@ -301,6 +302,33 @@ def test_cli_exports_an_older_step_packed(trained_run, tmp_path, capsys):
         t, _ = ternary(p["layers"][1]["mlp"]["up_proj"]["weight"][...])
         same = np.array_equal(unpack_ternary(stored[name]), np.asarray(t, np.int8).T)
         assert same == expect_equal
+
+
+@pytest.mark.slow
+def test_cli_exports_from_another_directory_with_relative_paths(trained_run, tmp_path):
+    """As the README writes it (``runs/<run_id>``): relative to the working directory, not the repo."""
+    out_dir = Path(os.path.relpath(tmp_path / "hf", trained_run.parent))
+    out = subprocess.run([sys.executable, "-m", "bitnet_jax.export", trained_run.name, "--out", str(out_dir)],
+                         cwd=trained_run.parent, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"exported step 10 of {trained_run.name}" in out.stdout
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert f"{trained_run.resolve()} step 10" in (tmp_path / "hf" / "README.md").read_text()
+
+
+def test_cli_on_a_run_without_a_checkpoint_yet_says_when_it_will_have_one(tmp_path, capsys):
+    """What train.py leaves before its first save: config.yaml and an empty checkpoints/."""
+    from bitnet_jax import config as config_lib
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    cfg = config_lib.from_dict({"train": {"steps": 30}, "optim": {"warmup_steps": 2}, "checkpoint": {"every": 10}})
+    (run / "config.yaml").write_text(config_lib.dump(cfg))
+    assert main([str(run), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} has no checkpoint yet" in err
+    assert "every 10 steps (10, 20, ...), at the stage switch (14 and 15) and at the end (30)" in err
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.slow

@@ -119,3 +119,19 @@ def test_repeated_ngram_fraction():
     assert repeated_ngram_fraction([7] * 10) == pytest.approx(1 - 1 / 7)  # 7 four-grams, one distinct
     assert repeated_ngram_fraction([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 - 4 / 5)
     assert repeated_ngram_fraction([1, 2]) == 0.0
+
+
+def test_cli_on_a_run_without_a_checkpoint_yet_says_when_it_will_have_one(tmp_path, capsys):
+    """What train.py leaves before its first save: config.yaml, the tokenizer, an empty checkpoints/."""
+    from bitnet_jax import config as config_lib
+    from bitnet_jax.generate import main
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    cfg = config_lib.from_dict({"train": {"steps": 30}, "optim": {"warmup_steps": 2}, "checkpoint": {"every": 10}})
+    (run / "config.yaml").write_text(config_lib.dump(cfg))
+    assert main([str(run), "--prompt", "In Python,"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} has no checkpoint yet" in err
+    assert "every 10 steps (10, 20, ...), at the stage switch (14 and 15) and at the end (30)" in err
+    assert "give a run directory made by train.py" not in err

@@ -108,7 +108,8 @@ def test_custom_scalars_layout_covers_every_scalar_the_run_wrote(run):
 
 
 def test_poisoned_batch_is_skipped_dumped_and_never_checkpointed(run):
-    from bitnet_jax.checkpoint import complete_steps, load_params
+    from bitnet_jax.checkpoint import load_params
+    from bitnet_jax.run_dir import complete_steps
 
     run_dir, _, _ = run
     scalars, _ = events(run_dir)
@@ -129,7 +130,7 @@ def test_poisoned_batch_is_skipped_dumped_and_never_checkpointed(run):
 
 
 def test_anomaly_history_is_saved_with_the_checkpoint_and_restored(run):
-    from bitnet_jax.checkpoint import read_meta
+    from bitnet_jax.run_dir import read_meta
 
     run_dir, _, second = run
     saved = read_meta(run_dir / "checkpoints" / "12")["resumables"]["anomaly"]
@@ -220,8 +221,18 @@ def test_generate_cli_samples_a_checkpoint(run):
     assert bad.returncode == 2 and "max_position_embeddings" in bad.stderr
 
 
+def test_generate_cli_reads_a_run_dir_relative_to_another_working_directory(run):
+    """As the README writes it (``runs/<run_id>``), from the run's parent folder rather than the repo."""
+    run_dir, _, _ = run
+    out = subprocess.run([sys.executable, "-m", "bitnet_jax.generate", run_dir.name, "--step", "16",
+                          "--prompt", "In Python,", "--max-new-tokens", "4"],
+                         cwd=run_dir.parent, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("In Python,") and f"[{run_dir.name} step 16, greedy]" in out.stderr
+
+
 def test_halt_on_nan_stops_without_saving_the_bad_step(tmp_path):
-    from bitnet_jax.checkpoint import complete_steps
+    from bitnet_jax.run_dir import complete_steps
 
     proc = train("--config", "configs/tiny.yaml", "--runs-dir", str(tmp_path), "--run-id", "halt", "--no-eval",
                  *sets(TINY + ["train.steps=10", "train.on_nan=halt", "train.debug_poison_step=3",

@@ -23,7 +23,8 @@ import jax
 import numpy as np
 import pytest
 
-from bitnet_jax.checkpoint import complete_steps, load_params
+from bitnet_jax.checkpoint import load_params
+from bitnet_jax.run_dir import complete_steps
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 100
@@ -196,6 +197,50 @@ def test_kill_9_at_random_moments_then_resume_latest_finishes_exactly(tmp_path, 
     assert_same_params(final_params(run_dir), ref_params)
 
 
+# --------------------------------------------------------------------------- each step's files read once
+
+COUNTING_RESUME = r'''
+import collections, json, os, sys
+from pathlib import Path
+from bitnet_jax import run_dir as rd
+parsed, opened = collections.Counter(), collections.Counter()
+original = rd._parse_json
+def counting(path):
+    parsed[str(Path(path).resolve())] += 1
+    return original(path)
+rd._parse_json = counting
+def audit(event, args):  # every open by Python code, Orbax's included
+    if event == "open" and isinstance(args[0], (str, os.PathLike)) and isinstance(args[1], str):
+        path = Path(os.fsdecode(args[0]))
+        if (path.parent.name, path.name) == ("meta", "metadata") and not set("wax+") & set(args[1]):
+            opened[str(path.resolve())] += 1
+sys.addaudithook(audit)
+from bitnet_jax.train import main
+code = main(sys.argv[1:])
+print("COUNTS " + json.dumps({"code": code, "parsed": parsed, "opened": opened}), flush=True)
+'''
+
+
+def test_a_resume_reads_each_steps_metadata_once(tmp_path):
+    """A real resume (``--resume r``, relative to the working directory) of a run with two steps
+    on disk: every small JSON file of each step is parsed once, and ``meta/metadata`` is opened
+    once in all, by this project or Orbax."""
+    run(*TINY, "--runs-dir", str(tmp_path), "--run-id", "r", "--stop-at", "20")
+    run_dir = tmp_path / "r"
+    assert complete_steps(run_dir) == [10, 20]
+    small_files = {str(run_dir / "checkpoints" / str(step) / name): step for step in (10, 20)
+                   for name in ("_CHECKPOINT_METADATA", "state/_METADATA", "data/metadata", "meta/metadata")}
+    out = subprocess.run([sys.executable, "-c", COUNTING_RESUME, "--resume", "r", "--stop-at", "21", "--no-eval"],
+                         env=env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    counts = json.loads(re.search(r"^COUNTS (.*)$", out.stdout, re.M).group(1))
+    assert counts["code"] == 0 and complete_steps(run_dir) == [10, 20, 21]
+    assert f"resuming from {run_dir.resolve() / 'checkpoints' / '20'}" in out.stderr
+    assert {path: counts["parsed"].get(path, 0) for path in small_files} == dict.fromkeys(small_files, 1)
+    meta_files = [p for p in small_files if p.endswith("meta/metadata")]
+    assert {path: counts["opened"].get(path, 0) for path in meta_files} == dict.fromkeys(meta_files, 1)
+
+
 # --------------------------------------------------------------------------- two processes, one damaged step
 
 TWO_PROCESS_WORKER = r'''
@@ -206,6 +251,7 @@ from bitnet_jax import distributed
 distributed.initialize(distributed.resolve(f"localhost:{port}", 2, pid))
 from jax.experimental import multihost_utils
 from bitnet_jax import checkpoint as ck, config as config_lib, resume as R, sharding, train_state
+from bitnet_jax.run_dir import COMMIT_FILE
 cfg = config_lib.from_dict({
     "model": {"vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
               "intermediate_size": 128, "max_position_embeddings": 32},
@@ -221,7 +267,7 @@ mngr.close()
 multihost_utils.sync_global_devices("saved")
 if pid == 0:  # an unfinished save at 9, and step 6 with truncated array files
     shutil.copytree(run_dir / "checkpoints" / "6", run_dir / "checkpoints" / "9")
-    (run_dir / "checkpoints" / "9" / ck.COMMIT_FILE).unlink()
+    (run_dir / "checkpoints" / "9" / COMMIT_FILE).unlink()
     if scenario == "damaged":
         for p in (run_dir / "checkpoints" / "6").glob("state/ocdbt.process_*/d/*"):
             p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from tensorboardX import SummaryWriter
 
-from bitnet_jax import checkpoint as ck
+from bitnet_jax import run_dir as rd
 from bitnet_jax import config as config_lib
 from bitnet_jax.status import (
     PlotUnavailable,
@@ -49,13 +49,13 @@ def write_config(run_dir: Path, steps=600, batch=4, seq=8, eval_every=50, sample
 
 
 def make_checkpoint(run_dir: Path, step: int) -> Path:
-    """A step folder with the files of a finished save (what ``checkpoint.complete_steps`` checks)."""
+    """A step folder with the files of a finished save (what ``run_dir.complete_steps`` checks)."""
     folder = run_dir / "checkpoints" / str(step)
-    for name in (ck.COMMIT_FILE, "_CHECKPOINT_METADATA", f"{ck.STATE}/_METADATA", f"{ck.STATE}/manifest.ocdbt",
-                 f"{ck.DATA}/metadata", f"{ck.META}/metadata"):
+    for name in (rd.COMMIT_FILE, "_CHECKPOINT_METADATA", f"{rd.STATE}/_METADATA", f"{rd.STATE}/manifest.ocdbt",
+                 f"{rd.DATA}/metadata", f"{rd.META}/metadata"):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text("{}")
-    assert ck.step_problem(folder) is None, "the fake checkpoint no longer looks complete to checkpoint.py"
+    assert rd.step_problem(folder) is None, "the fake checkpoint no longer looks complete to run_dir.py"
     return folder
 
 
@@ -266,13 +266,13 @@ def test_only_complete_checkpoints_are_listed(tmp_path):
     run_dir = make_run(tmp_path, logged=10)
     make_checkpoint(run_dir, 5)
     make_checkpoint(run_dir, 10)
-    (make_checkpoint(run_dir, 8) / ck.COMMIT_FILE).unlink()  # the save never finished
-    (make_checkpoint(run_dir, 9) / ck.META / "metadata").write_text('{"step": ')  # truncated
+    (make_checkpoint(run_dir, 8) / rd.COMMIT_FILE).unlink()  # the save never finished
+    (make_checkpoint(run_dir, 9) / rd.META / "metadata").write_text('{"step": ')  # truncated
     (run_dir / "checkpoints" / "7").mkdir()  # an empty step folder
     (run_dir / "checkpoints" / "12.orbax-checkpoint-tmp-1732700000").mkdir()  # being saved
     st = status_of(run_dir)
     assert (st["checkpoints"], st["checkpoints_saving"]) == ([5, 10], [12])
-    assert st["checkpoints"] == ck.complete_steps(run_dir)  # what --resume latest would pick from
+    assert st["checkpoints"] == rd.complete_steps(run_dir)  # what --resume latest would pick from
 
 
 def test_status_does_not_import_jax(tmp_path):
@@ -510,7 +510,7 @@ def test_status_reads_a_real_train_py_run(tmp_path):
     for key, tag in (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm")):
         assert st[key] == acc.Scalars(tag)[-1].value
     assert st["last_eval"]["eval_loss"] == acc.Scalars("eval/loss")[-1].value
-    assert 20 in st["checkpoints"] and st["checkpoints"] == ck.complete_steps(runs[0])
+    assert 20 in st["checkpoints"] and st["checkpoints"] == rd.complete_steps(runs[0])
     assert st["samples"]["step"] == 20 and len(st["samples"]["items"]) == len(cfg.log.prompts)
     assert [item["prompt"] for item in st["samples"]["items"]] == cfg.log.prompts
     assert all(isinstance(item[mode], str) for item in st["samples"]["items"] for mode in ("greedy", "typical", "stress"))

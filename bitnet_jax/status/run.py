@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bitnet_jax.checkpoint import complete_steps  # a light import: the module loads jax only in functions
+from bitnet_jax.run_dir import complete_steps  # files only: status never imports jax or Orbax
 from bitnet_jax.end_record import EndRecord, EndRecordError, read_end_record
 from bitnet_jax.eventfile import EventLog, is_event_file
 from bitnet_jax.status.run_config import RunConfig, load_config
@@ -83,7 +83,7 @@ class Run:
 
     def checkpoints(self) -> tuple[list[int], list[int]]:
         """(complete checkpoint steps, steps being saved now), both sorted. Complete means what
-        ``--resume latest`` would accept (``checkpoint.complete_steps``): a step folder from an
+        ``--resume latest`` would accept (``run_dir.complete_steps``): a step folder from an
         unfinished or damaged save is not listed."""
         folder = self.path / "checkpoints"
         done = complete_steps(self.path)
