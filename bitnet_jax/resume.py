@@ -90,7 +90,7 @@ def resolve_config(target: ResumeTarget, step_dir: Path, config_path: str | None
     if config_path is not None:
         cfg = config_lib.load(config_path, overrides)
     else:
-        cfg = config_lib.from_dict(config_lib.apply_overrides(stored.to_dict(), overrides))
+        cfg = config_lib.with_overrides(stored.to_dict(), overrides)  # a broken rule names the --set key
     if not target.new_run:
         changed = config_lib.diff_keys(stored, cfg)
         refused = [k for k in changed if not may_change(k)]
