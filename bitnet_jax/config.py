@@ -56,7 +56,7 @@ def _schedule_problem(cfg: Config, given: Iterable[str]) -> str | None:
 
 
 def _problems(cfg: Config, given: Iterable[str] = ()) -> Iterator[str]:
-    """Every rule that ties fields together (one field's own type and bounds are declared above)."""
+    """Every rule that ties fields together (one field's own type and bounds are declared in config_schema)."""
     m, t, o, ev, d = cfg.model, cfg.train, cfg.optim, cfg.eval, cfg.data
     if not cfg.name.strip() or any(c in cfg.name for c in "/\\"):
         yield (f"name {cfg.name!r} starts the run folder's name: give a non-empty name without '/' or '\\', "
