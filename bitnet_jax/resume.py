@@ -95,7 +95,7 @@ def resolve_config(target: ResumeTarget, step_dir: Path, config_path: str | None
     if config_path is not None:
         cfg = config_lib.load(config_path, overrides)
     elif overrides:
-        cfg = config_lib.from_dict(config_lib.apply_overrides(stored.to_dict(), overrides))
+        cfg = config_lib.with_overrides(stored.to_dict(), overrides)  # a broken rule names the --set key
     else:
         cfg = stored
     if not target.new_run:

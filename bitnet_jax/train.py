@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg, plan = resume_lib.plan(args.resume, args.runs_dir, args.run_id, args.config,
                                         args.overrides, args.stop_at, dry_run=args.dry_run)
         elif args.config:
-            cfg = config_lib.load(args.config, args.overrides)
+            cfg, notes = config_lib.load_with_notes(args.config, args.overrides)
+            print("".join(f"note: {note}\n" for note in notes), end="", file=sys.stderr)
             resume_lib.check_stop_at(args.stop_at, cfg)
         else:
             raise ConfigError("give --config FILE for a new run (see configs/), or --resume to continue one")

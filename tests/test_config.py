@@ -177,3 +177,137 @@ def test_yaml_top_level_must_be_a_mapping(tmp_path, text, kind):
 def test_unknown_non_string_key_named():
     with pytest.raises(C.ConfigError, match=r"unknown config key train\.1 \(in train\)"):
         C.from_dict({"train": {1: 2, "stpes": 3}})
+
+
+# --------------------------------------------------------------------------- --set train.steps alone
+
+def test_set_train_steps_alone_shrinks_the_95m_schedule_at_the_same_shares():
+    full = C.load(CONFIGS / "bitnet_95m.yaml")
+    cfg, notes = C.load_with_notes(CONFIGS / "bitnet_95m.yaml", ["train.steps=3"])
+    # 375 / 60000 of 3 steps rounds to 0, but a warm-up stays >= 1; 30000 / 60000 of 3 is 1.5 -> 2
+    assert (cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.stage_switch, cfg.stage_switch) == (3, 1, 2, 2)
+    assert notes == ["train.steps=3: optim.warmup_steps 375 -> 1, optim.stage_switch 30000 -> 2 (same share of the run)"]
+    assert C.diff_keys(full, cfg) == ["train.steps", "optim.warmup_steps", "optim.stage_switch"]
+    assert C.load(CONFIGS / "bitnet_95m.yaml", ["train.steps=3"]) == cfg  # load is load_with_notes' config
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 17, 1000, 59999, 120000])
+def test_derived_schedule_is_valid_and_keeps_its_share(steps):
+    full = C.load(CONFIGS / "bitnet_95m.yaml")
+    cfg = C.load(CONFIGS / "bitnet_95m.yaml", [f"train.steps={steps}"])
+    w, s = cfg.optim.warmup_steps, cfg.optim.stage_switch
+    assert w < s <= steps and (w >= 1 or steps == 1)
+    share = steps / full.train.steps
+    # off by the rounding only, unless a warm-up below half a step became 1, or the switch had to follow it
+    assert abs(w - full.optim.warmup_steps * share) <= 0.5 or (w == 1 and full.optim.warmup_steps * share < 0.5)
+    assert abs(s - full.optim.stage_switch * share) <= 0.5 or s == w + 1
+
+
+def test_keys_set_with_train_steps_are_kept_and_a_null_switch_stays_half():
+    cfg, notes = C.load_with_notes(CONFIGS / "bitnet_95m.yaml", ["train.steps=1000", "optim.warmup_steps=10"])
+    assert (cfg.optim.warmup_steps, cfg.optim.stage_switch) == (10, 500)
+    assert notes == ["train.steps=1000: optim.stage_switch 30000 -> 500 (same share of the run)"]
+    tiny, notes = C.load_with_notes(CONFIGS / "tiny.yaml", ["train.steps=100"])  # stage_switch: null (half)
+    assert (tiny.optim.warmup_steps, tiny.optim.stage_switch, tiny.stage_switch) == (3, None, 50)
+    assert notes == ["train.steps=100: optim.warmup_steps 30 -> 3 (same share of the run)"]
+    assert C.load_with_notes(CONFIGS / "tiny.yaml", ["eval.every=10"])[1] == []  # train.steps not set: nothing derived
+
+
+def test_derived_values_are_stored_resolved_and_never_derived_again():
+    """config.yaml and a checkpoint store the derived values; a resume applies --set to them as stored."""
+    import yaml
+    cfg = C.load(CONFIGS / "bitnet_95m.yaml", ["train.steps=3"])
+    stored = C.from_dict(yaml.safe_load(C.dump(cfg)))
+    assert stored == cfg and (stored.optim.warmup_steps, stored.optim.stage_switch) == (1, 2)
+    # the same --config and --set again (e.g. a resume through make) resolve to the very same config
+    assert C.diff_keys(stored, C.load(CONFIGS / "bitnet_95m.yaml", ["train.steps=3"])) == []
+    # a new run branched from a checkpoint keeps the schedule it has half run
+    longer = C.with_overrides(stored.to_dict(), ["train.steps=6"])
+    assert (longer.train.steps, longer.optim.warmup_steps, longer.optim.stage_switch) == (6, 1, 2)
+
+
+@pytest.mark.parametrize("base,overrides,message", [
+    ("file", ["optim.warmup_steps=40000"], r"^optim\.warmup_steps \(40000\) must end before the stage switch: "
+                                            r".* got 40000 < 30000 <= 60000; lower optim\.warmup_steps"),
+    ("stored", ["train.steps=20000"], r"^train\.steps \(20000\) is too short for the schedule: .*"
+                                      r"got 375 < 30000 <= 20000; raise train\.steps"),
+    ("stored", ["optim.warmup_steps=30000"], r"^optim\.warmup_steps \(30000\) must end before"),
+    ("stored", ["optim.stage_switch=70000"], r"^optim\.stage_switch \(70000\) must lie in \(optim\.warmup_steps, "
+                                             r"train\.steps\] = \(375, 60000\]"),
+    ("stored", ["train.steps=100", "optim.stage_switch=200"], r"^optim\.stage_switch \(200\) must lie in"),
+])
+def test_schedule_error_names_the_key_that_was_set(base, overrides, message):
+    """warmup < switch <= steps broken by --set: the message names the key the user changed."""
+    with pytest.raises(C.ConfigError, match=message):
+        if base == "file":
+            C.load(CONFIGS / "bitnet_95m.yaml", overrides)
+        else:  # a resume applies --set to the checkpoint's stored config
+            C.with_overrides(C.load(CONFIGS / "bitnet_95m.yaml").to_dict(), overrides)
+
+
+def test_schedule_error_with_an_implicit_switch_names_warmup_or_steps():
+    with pytest.raises(C.ConfigError, match=r"^optim\.warmup_steps \(60\) must end before the stage switch: .*"
+                                            r"got 60 < 50 \(half of train\.steps\) <= 100"):
+        C.from_dict({"train": {"steps": 100}, "optim": {"warmup_steps": 60}})
+    with pytest.raises(C.ConfigError, match=r"^train\.steps \(50\) is too short .*got 30 < 25 \(half"):
+        C.with_overrides(C.load(CONFIGS / "tiny.yaml").to_dict(), ["train.steps=50"])
+    assert C.from_dict({"train": {"steps": 1}, "optim": {"warmup_steps": 0}}).stage_switch == 1  # one step: stage 1
+
+
+# --------------------------------------------------------------------------- the objects and lenient reading
+
+def test_config_objects_pickle_compare_and_stay_unhashable():
+    import pickle
+    cfg = C.load(CONFIGS / "bitnet_95m.yaml")
+    assert pickle.loads(pickle.dumps(cfg)) == cfg and pickle.loads(pickle.dumps(cfg.model)) == cfg.model
+    with pytest.raises(TypeError):
+        hash(cfg)  # mutable, as the dataclasses were: never a jit static argument
+    mesh = C.MeshConfig(data=2, fsdp=1)
+    assert (mesh.data, mesh.fsdp) == (2, 1) and mesh != C.MeshConfig()
+    with pytest.raises(ValueError):
+        cfg.train.stpes = 3  # a typo in code is refused, as slots did
+
+
+def test_lenient_reading_of_a_config_yaml_from_another_version():
+    import yaml
+    data = yaml.safe_load(C.dump(C.load(CONFIGS / "bitnet_95m.yaml")))
+    data["model"]["quantization"] = "bitnet"  # a key of a newer version
+    data["log"]["prompts"] = ["fine", 7]  # a value this version cannot read
+    data["eval"] = "often"  # a section that is no mapping
+    del data["checkpoint"]  # an older version without the section
+    lenient = C.load_lenient(data)
+    assert [lenient.get(k) for k in ("train.steps", "tokens_per_step", "stage_switch", "total_tokens")] == [
+        60000, 32768, 30000, 1_966_080_000]
+    assert lenient.get("model.hidden_size") == 768 and lenient.get("log.samples_every") == 1000
+    assert lenient.get("log.prompts") is None and lenient.get("eval.every") is None  # unread: not the defaults
+    assert lenient.unread == {"log.prompts", "eval.every", "eval.batches"}
+    assert lenient.config.checkpoint == C.CheckpointConfig() == lenient.get("checkpoint")  # missing: the defaults
+    assert lenient.notes == [
+        "model.quantization is not a key of this version; ignored",
+        "eval: expected a section (a mapping of keys such as every, batches), got 'often'; give eval's keys "
+        "under it, or leave it out for the defaults; read as the default",
+        "log.prompts[1]: expected str, got 7 (int); read as the default"]
+    assert C.load_lenient(["not", "a", "mapping"]) is None
+
+
+def test_lenient_reading_keeps_values_that_break_a_rule_and_an_unreadable_total_is_untrusted():
+    data = {"train": {"steps": "sixty thousand", "batch_size": 8}, "optim": {"warmup_steps": 500, "stage_switch": 400}}
+    lenient = C.load_lenient(data)
+    assert (lenient.get("optim.stage_switch"), lenient.get("stage_switch"), lenient.get("tokens_per_step")) == (
+        400, 400, 8 * 128)  # an explicit switch does not need train.steps
+    assert lenient.get("train.steps") is None and lenient.get("total_tokens") is None
+    data["optim"]["stage_switch"] = None  # half of train.steps, which is unknown
+    assert C.load_lenient(data).get("stage_switch") is None and C.load_lenient(data).get("optim.stage_switch") is None
+    assert lenient.notes == ["train.steps: expected int, got 'sixty thousand' (str); read as the default",
+                             "optim.stage_switch (400) must lie in (optim.warmup_steps, train.steps] = (500, 300]; "
+                             "read as written"]
+
+
+def test_lenient_reading_imports_no_jax():
+    import subprocess
+    import sys
+    code = ("import sys; from bitnet_jax import config; config.load_lenient({'train': {'steps': 'x'}}); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=CONFIGS.parent)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

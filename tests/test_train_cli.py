@@ -28,6 +28,14 @@ def test_dry_run_of_the_95m_config():
     assert "685.7 MFLOP" in out.stdout
 
 
+def test_train_steps_alone_gives_a_short_run_of_the_95m_config_and_says_what_it_derived():
+    out = run_train("--config", "configs/bitnet_95m.yaml", "--set", "train.steps=3", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert ("note: train.steps=3: optim.warmup_steps 375 -> 1, optim.stage_switch 30000 -> 2 (same share of the run)"
+            in out.stderr)
+    assert "over 3 steps" in out.stdout and "stage switch:      step 2" in out.stdout
+
+
 @pytest.mark.parametrize("args,message", [
     (["--set", "train.stepz=3"], "unknown config key train.stepz"),
     (["--set", "model.hidden_size=130"], "divisible by model.num_attention_heads"),

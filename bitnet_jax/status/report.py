@@ -26,10 +26,10 @@ MIN_STALE_S = 60.0  # ... but never sooner: event writers buffer, a live run can
 START_WINDOW_S = 600.0
 ENDED_STATES = ("finished", "halted", "stopped", "failed")  # the trainer has exited (end.json)
 HOOK_INTERVAL_KEYS = {  # time/<hook>_ms -> the config key of its interval, when it ran too few times
-    "eval": ("eval", "every"),
-    "samples": ("log", "samples_every"),
-    "metrics": ("log", "metrics_every"),
-    "checkpoint": ("checkpoint", "every"),
+    "eval": "eval.every",
+    "samples": "log.samples_every",
+    "metrics": "log.metrics_every",
+    "checkpoint": "checkpoint.every",
 }
 SAMPLE_MODES = ("greedy", "typical", "stress")
 
@@ -69,7 +69,7 @@ def _hook_costs(run: Run, step: int, total: int) -> tuple[float, float]:
         if len(s) >= 2:
             interval = int(np.median(np.diff(s.steps[-11:])))
         elif run.config is not None and hook in HOOK_INTERVAL_KEYS:
-            value = run.config.get(*HOOK_INTERVAL_KEYS[hook])
+            value = run.config.get(HOOK_INTERVAL_KEYS[hook])
             interval = value if isinstance(value, int) else None
         if interval and interval > 0:
             runs_left = total // interval - step // interval
@@ -115,7 +115,7 @@ def _samples(run: Run) -> dict[str, Any] | None:
     if not by_step:
         return None
     step = max(by_step)
-    prompts = list(run.config.prompts) if run.config is not None else []
+    prompts = list(run.config.get("log.prompts") or []) if run.config is not None else []
     items = []
     for index in sorted(by_step[step]):
         modes = by_step[step][index]
@@ -188,7 +188,7 @@ def build_status(run: Run, now: float | None = None, stale_after: float | None =
     """The report as a dict: the ``--json`` output (keys documented in the README)."""
     now = time.time() if now is None else now
     cfg, log = run.config, run.log
-    notes = [run.config_note] if run.config_note else []
+    notes = list(run.config_notes)
 
     loss = log.scalars("train/loss")
     if loss is not None and len(loss):
@@ -197,8 +197,8 @@ def build_status(run: Run, now: float | None = None, stale_after: float | None =
         steps = [s.last_step for t in log.tags() if t.startswith("train/")
                  for s in [log.scalars(t)] if s is not None and len(s)]
         step = max(steps) if steps else None
-    total = cfg.steps if cfg else None
-    per_step = cfg.tokens_per_step if cfg else None
+    total = cfg.get("train.steps") if cfg else None
+    per_step = cfg.get("tokens_per_step") if cfg else None
 
     def last(tag: str) -> float | None:
         s = log.scalars(tag)
@@ -220,7 +220,7 @@ def build_status(run: Run, now: float | None = None, stale_after: float | None =
         tokens_per_sec = per_step / (step_time_ms / 1000)
 
     stage_value = last("train/stage")
-    switch = cfg.stage_switch if cfg else None
+    switch = cfg.get("stage_switch") if cfg else None
     if stage_value is not None:
         stage = int(round(stage_value))
     elif step is not None and switch is not None:

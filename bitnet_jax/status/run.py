@@ -10,7 +10,8 @@ from typing import Any
 from bitnet_jax.run_dir import complete_steps  # files only: status never imports jax or Orbax
 from bitnet_jax.end_record import EndRecord, EndRecordError, read_end_record
 from bitnet_jax.eventfile import EventLog, is_event_file
-from bitnet_jax.status.run_config import RunConfig, load_config
+from bitnet_jax.config import LenientConfig
+from bitnet_jax.status.run_config import load_config
 
 RUN_FILES = ("config.yaml", "tb", "provenance.json", "dataset_fingerprint.json", "checkpoints", "samples.jsonl")
 
@@ -59,8 +60,8 @@ class Run:
         self.run_id = self.path.resolve().name
         tb = self.path / "tb"
         self.log = EventLog(tb if tb.is_dir() or not any(map(is_event_file, self.path.iterdir())) else self.path)
-        self.config: RunConfig | None = None
-        self.config_note: str | None = None
+        self.config: LenientConfig | None = None
+        self.config_notes: list[str] = []
         self._config_stamp: tuple[int, int] | None = None  # config.yaml's (mtime_ns, size) when read
 
     def refresh(self) -> int:
@@ -75,7 +76,7 @@ class Run:
         except OSError:
             stamp = None
         if self.config is None or stamp != self._config_stamp:
-            self.config, self.config_note = load_config(path)
+            self.config, self.config_notes = load_config(path)
             self._config_stamp = stamp
         return self.log.update()
 
