@@ -12,7 +12,9 @@ tokenizer files and a short ``README.md``):
   (``quantization_mode: offline``). About a fifth of the size; logits within bfloat16 rounding.
 
 The folder is written beside its destination and moved into place at the end, so an interrupted
-export never leaves a half-written model folder behind.
+export never leaves a half-written model folder behind. Its tokenizer adds BOS to a text, as the
+training packer did (``[BOS] + ids + [EOS]`` per document), so ``tok(prompt).input_ids`` is the prompt
+the model saw in training.
 """
 
 from __future__ import annotations
@@ -106,11 +108,8 @@ def _model_card(cfg: Config, fmt: str, source: str | None, tok) -> str:
     from bitnet_jax.model import count_params
 
     m = cfg.model
-    # Training packed BOS + text + EOS; whether the tokenizer adds that BOS depends on where it came from.
-    if tok.bos_id is None or tok.backend.encode("x", add_special_tokens=True).ids[:1] == [tok.bos_id]:
-        prompt = "ids = tok('The meaning of', return_tensors='pt').input_ids"
-    else:  # prepend it by hand, as the packer did in training
-        prompt = "ids = torch.tensor([[tok.bos_token_id] + tok.encode('The meaning of')])  # BOS first, as in training"
+    prompt = "ids = tok('The meaning of', return_tensors='pt').input_ids" + (
+        "" if tok.bos_id is None else "  # BOS first, as in training")
     dtype_note = ([] if fmt == "online" else [
         "transformers runs this folder in bfloat16, its stored dtype. (In transformers 5.24, loading it with",
         "`dtype=torch.float32` leaves the embedding in bfloat16 and the forward pass fails.)", ""])
@@ -144,6 +143,25 @@ def _model_card(cfg: Config, fmt: str, source: str | None, tok) -> str:
     return "\n".join(lines)
 
 
+def _write_tokenizer(tokenizer_dir: Path, tok, out: Path) -> None:
+    """Copies the run's tokenizer files into ``out``, with a tokenizer.json that adds BOS to every
+    text, as the packer did in training. (A run's own tokenizer.json adds nothing: bitnet-jax encodes
+    without special tokens and places BOS/EOS itself. An existing post-processor is replaced, since
+    one that adds EOS, or nothing, would give prompts the model never saw.)"""
+    from tokenizers import Tokenizer, processors
+
+    for f in sorted(tokenizer_dir.iterdir()):
+        if f.is_file():
+            shutil.copyfile(f, out / f.name)
+    if tok.bos_id is None:
+        return
+    backend = Tokenizer.from_file(str(out / "tokenizer.json"))
+    bos = tok.bos_token
+    backend.post_processor = processors.TemplateProcessing(
+        single=[bos, "$A"], pair=[bos, "$A", f"{bos}:1", "$B:1"], special_tokens=[(bos, tok.bos_id)])
+    backend.save(str(out / "tokenizer.json"))
+
+
 def export_model(cfg: Config, params, tokenizer_dir: str | Path, out_dir: str | Path, fmt: str = "online",
                  *, force: bool = False, source: str | None = None) -> ExportResult:
     """Writes the Hugging Face folder for ``params`` (an ``nnx.State`` of the model's Params).
@@ -170,10 +188,10 @@ def export_model(cfg: Config, params, tokenizer_dir: str | Path, out_dir: str | 
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {k: v for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)) if v is not None}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        for f in sorted(tokenizer_dir.iterdir()):
-            if f.is_file():
-                shutil.copyfile(f, staging / f.name)
+        _write_tokenizer(tokenizer_dir, tok, staging)
         (staging / "README.md").write_text(_model_card(cfg, fmt, source, tok))
+        # safetensors writes through a private (0600) temporary file; give it the mode the others got.
+        os.chmod(staging / WEIGHTS_FILE, (staging / "config.json").stat().st_mode & 0o777)
         os.chmod(staging, 0o755)  # mkdtemp makes it private; an exported model is for sharing
         if out_dir.exists():
             shutil.rmtree(out_dir)  # empty, or --force
@@ -191,7 +209,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
 
     Every check on the arguments runs before the checkpoint is read.
     """
-    from bitnet_jax.checkpoint import checkpoints_dir, complete_steps, load_params, read_config
+    from bitnet_jax.checkpoint import open_step, read_params
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if fmt not in FORMATS:
@@ -200,20 +218,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
         raise ExportError(f"run directory {run_dir} does not exist; give a folder made by train.py "
                           "(runs/<run_id>)")
     check_out_dir(out_dir, force, protected=(run_dir,))
-    steps = sorted(complete_steps(run_dir))
-    if not steps:
-        raise ExportError(f"{run_dir} holds no complete checkpoint (looked in {run_dir / 'checkpoints'}); "
-                          "train until the first save (checkpoint.every) or point at another run")
-    if step is not None and step not in steps:
-        raise ExportError(f"step {step} is not a complete checkpoint of {run_dir}; available steps: "
-                          f"{', '.join(map(str, steps))}")
+    opened = open_step(run_dir, step)  # the step's metadata only; its arrays are read last
     # The stored config is small JSON: check the format and the tokenizer against it before reading arrays.
-    stored_cfg = read_config(checkpoints_dir(run_dir) / str(steps[-1] if step is None else step))
-    check_format(stored_cfg, fmt)
-    load_checked_tokenizer(run_dir / "tokenizer", stored_cfg)
-    cfg, params, loaded = load_params(run_dir, step=step)
+    check_format(opened.cfg, fmt)
+    load_checked_tokenizer(run_dir / "tokenizer", opened.cfg)
+    cfg, params, loaded = opened.read(read_params)
     result = export_model(cfg, params, run_dir / "tokenizer", out_dir, fmt, force=force,
-                          source=f"{run_dir.resolve()} step {loaded}")
+                          source=f"{opened.run_dir} step {loaded}")
     return result, loaded
 
 
