@@ -1,6 +1,9 @@
-"""Export a saved step to a Hugging Face ``BitNetForCausalLM`` folder that transformers loads.
+"""Export a saved step to a Hugging Face ``BitNetForCausalLM`` folder that transformers loads, or to
+one GGUF file that llama.cpp runs.
 
 ``python -m bitnet_jax.export RUN_DIR [--step N] --out DIR [--format online|packed] [--force]``
+``python -m bitnet_jax.export RUN_DIR [--step N] --out FILE.gguf --format gguf [--weights tq2_0|tq1_0|f32]
+[--embeddings f32|f16] [--force]`` (the file's layout: ``gguf_export.py``)
 
 Formats (both hold ``config.json``, ``generation_config.json``, ``model.safetensors``, the run's
 tokenizer files and a short ``README.md``):
@@ -26,13 +29,16 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from bitnet_jax.config import Config, ConfigError
+from bitnet_jax.gguf_export import LlamaCppWarning
 
 FORMATS = ("online", "packed")
+GGUF = "gguf"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -43,7 +49,7 @@ class ExportError(ConfigError):
 
 @dataclasses.dataclass
 class ExportResult:
-    out_dir: Path
+    out_dir: Path  # the folder written (for GGUF: the file)
     fmt: str
     file_bytes: dict[str, int]  # file name -> size in bytes
 
@@ -70,11 +76,24 @@ def check_out_dir(out_dir: Path, force: bool, protected: tuple[Path, ...] = ()) 
                           "to replace its contents")
 
 
+def check_out_file(out_file: Path, force: bool, protected: tuple[Path, ...] = ()) -> None:
+    """Refuses a GGUF destination that is a folder, that exists (unless ``force``), or that lies inside
+    a ``protected`` folder (the run directory)."""
+    out = out_file.resolve()
+    for p in protected:
+        if out.is_relative_to(p.resolve()):
+            raise ExportError(f"--out {out_file} is inside the run directory {p}; export to a file outside it")
+    if out.is_dir():
+        raise ExportError(f"--out {out_file} is a folder; --format gguf writes one file, e.g. --out model.gguf")
+    if out.exists() and not force:
+        raise ExportError(f"--out {out_file} exists; choose a new file name, or pass --force to replace it")
+
+
 def check_format(cfg: Config, fmt: str) -> None:
     from bitnet_jax.hf import packing_problems
 
     if fmt not in FORMATS:
-        raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS + (GGUF,))}")
     problems = packing_problems(cfg.model) if fmt == "packed" else []
     if problems:
         raise ExportError(f"the packed format stores 4 output rows per byte, so every projection's output "
@@ -137,7 +156,7 @@ def _model_card(cfg: Config, fmt: str, source: str | None, tok) -> str:
         "```",
         "",
         *dtype_note,
-        "GGUF / bitnet.cpp: see the bitnet-jax README (untested here).",
+        "llama.cpp: `python -m bitnet_jax.export RUN_DIR --out model.gguf --format gguf` (see the bitnet-jax README).",
         "",
     ]
     return "\n".join(lines)
@@ -204,42 +223,81 @@ def export_model(cfg: Config, params, tokenizer_dir: str | Path, out_dir: str | 
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None, fmt: str = "online",
-               force: bool = False) -> tuple[ExportResult, int]:
+               force: bool = False, weights: str = "tq2_0", embeddings: str = "f32") -> tuple[ExportResult, int]:
     """Exports step ``step`` (None: the newest complete one) of a run; returns (result, step).
+    ``fmt`` is a Hugging Face format (``out_dir`` a folder) or ``gguf`` (``out_dir`` a file, with
+    ``weights`` and ``embeddings`` its tensor types).
 
     Every check on the arguments runs before the checkpoint is read.
     """
-    from bitnet_jax.checkpoint import open_step, read_params
+    from bitnet_jax.checkpoint import checkpoints_dir, complete_steps, load_params, read_config
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt not in FORMATS + (GGUF,):
+        raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS + (GGUF,))}")
     if not run_dir.is_dir():
         raise ExportError(f"run directory {run_dir} does not exist; give a folder made by train.py "
                           "(runs/<run_id>)")
-    check_out_dir(out_dir, force, protected=(run_dir,))
-    opened = open_step(run_dir, step)  # the step's metadata only; its arrays are read last
+    if fmt == GGUF:
+        check_out_file(out_dir, force, protected=(run_dir,))
+    else:
+        check_out_dir(out_dir, force, protected=(run_dir,))
+    steps = sorted(complete_steps(run_dir))
+    if not steps:
+        raise ExportError(f"{run_dir} holds no complete checkpoint (looked in {run_dir / 'checkpoints'}); "
+                          "train until the first save (checkpoint.every) or point at another run")
+    if step is not None and step not in steps:
+        raise ExportError(f"step {step} is not a complete checkpoint of {run_dir}; available steps: "
+                          f"{', '.join(map(str, steps))}")
     # The stored config is small JSON: check the format and the tokenizer against it before reading arrays.
-    check_format(opened.cfg, fmt)
-    load_checked_tokenizer(run_dir / "tokenizer", opened.cfg)
-    cfg, params, loaded = opened.read(read_params)
-    result = export_model(cfg, params, run_dir / "tokenizer", out_dir, fmt, force=force,
-                          source=f"{opened.run_dir} step {loaded}")
+    stored_cfg = read_config(checkpoints_dir(run_dir) / str(steps[-1] if step is None else step))
+    if fmt == GGUF:
+        from bitnet_jax.gguf_export import check_gguf_export
+
+        load_checked_tokenizer(run_dir / "tokenizer", stored_cfg)
+        check_gguf_export(stored_cfg, run_dir / "tokenizer", weights, embeddings)
+    else:
+        check_format(stored_cfg, fmt)
+        load_checked_tokenizer(run_dir / "tokenizer", stored_cfg)
+    cfg, params, loaded = load_params(run_dir, step=step)
+    source = f"{run_dir.resolve()} step {loaded}"
+    if fmt == GGUF:
+        from bitnet_jax.gguf_export import write_gguf
+
+        size = write_gguf(cfg, params, run_dir / "tokenizer", out_dir, weights=weights, embeddings=embeddings,
+                          source=source)
+        return ExportResult(out_dir=out_dir, fmt=f"gguf, {weights} weights, {embeddings} embedding",
+                            file_bytes={out_dir.name: size}), loaded
+    result = export_model(cfg, params, run_dir / "tokenizer", out_dir, fmt, force=force, source=source)
     return result, loaded
 
 
 # --------------------------------------------------------------------------- CLI
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bitnet_jax.gguf_export import EMBEDDING_TYPES, WEIGHT_TYPES
+
     p = argparse.ArgumentParser(prog="python -m bitnet_jax.export",
-                                description="Export a checkpoint to a Hugging Face BitNet folder.")
+                                description="Export a checkpoint to a Hugging Face BitNet folder or a GGUF file.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder made by train.py (runs/<run_id>)")
     p.add_argument("--step", type=int, help="checkpoint step to export (default: the newest complete one)")
-    p.add_argument("--out", required=True, help="destination folder (created; must be empty unless --force)")
-    p.add_argument("--format", dest="fmt", choices=FORMATS, default="online",
-                   help="online: float32 master weights (default); packed: 2-bit ternary weights + bf16")
-    p.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out folder")
-    return p.parse_args(argv)
+    p.add_argument("--out", required=True, help="destination folder (created; must be empty unless --force); "
+                   "with --format gguf, the .gguf file")
+    p.add_argument("--format", dest="fmt", choices=FORMATS + (GGUF,), default="online",
+                   help="online: float32 master weights (default); packed: 2-bit ternary weights + bf16; "
+                   "gguf: one file for llama.cpp")
+    p.add_argument("--weights", choices=WEIGHT_TYPES,
+                   help="gguf: the ternary projections as tq2_0 (2 bits, default), tq1_0 (1.6 bits) or f32")
+    p.add_argument("--embeddings", choices=EMBEDDING_TYPES,
+                   help="gguf: the embedding (and tied LM head) as f32 (default) or f16")
+    p.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out folder "
+                   "(gguf: an existing file)")
+    args = p.parse_args(argv)
+    given = [f"--{k}" for k in ("weights", "embeddings") if getattr(args, k) is not None]
+    if args.fmt != GGUF and given:
+        p.error(f"{' and '.join(given)} only apply to --format gguf")
+    args.weights, args.embeddings = args.weights or WEIGHT_TYPES[0], args.embeddings or EMBEDDING_TYPES[0]
+    return args
 
 
 def _size(n: int) -> str:
@@ -251,10 +309,19 @@ def _size(n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        result, step = export_run(args.run_dir, args.out, step=args.step, fmt=args.fmt, force=args.force)
-    except ConfigError as e:  # ExportError, CheckpointError, DataError
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", LlamaCppWarning)
+            result, step = export_run(args.run_dir, args.out, step=args.step, fmt=args.fmt, force=args.force,
+                                      weights=args.weights, embeddings=args.embeddings)
+    except ConfigError as e:  # ExportError, CheckpointError, DataError, GGUFExportError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        for w in caught:  # one line each; others go on to Python's usual display
+            if issubclass(w.category, LlamaCppWarning):
+                print(f"warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     print(f"exported step {step} of {args.run_dir} ({result.fmt}) to {result.out_dir}:")
     for name, n in result.file_bytes.items():
         print(f"  {name:<28} {_size(n):>12}")
