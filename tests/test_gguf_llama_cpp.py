@@ -198,10 +198,16 @@ def test_f32_export_gives_our_float_activation_logits_and_greedy_text(exports, t
         ours = generator(params, prompt, [MODES["greedy"]], 32, jax.random.PRNGKey(0)).tokens[0]
         greedy = _llama_greedy(llm, prompt, 32)
         print(f"greedy after {tok.decode(prompt[-8:])!r}: {tok.decode(ours)!r}")
-        assert greedy == ours, tok.decode(prompt)
+        if greedy != ours:  # only a tie within the summation-order tolerance may part them
+            k = next(i for i, (a, b) in enumerate(zip(ours, greedy)) if a != b)
+            step = _ours(model, [prompt + ours[:k]])[0, -1]
+            assert step[ours[k]] - step[greedy[k]] < LOGIT_ATOL, f"greedy parts at token {k} of {tok.decode(prompt)!r}"
+            print(f"  parts at token {k}: a tie within {LOGIT_ATOL}")
+            ours, greedy = ours[:k], greedy[:k]
+        assert greedy == ours
         assert llm.detokenize(greedy).decode("utf-8", "replace") == tok.decode(ours)  # llama.cpp's own text
         continuations += ours
-    assert len(set(continuations)) > 5  # real continuations, not one token repeated
+    assert len(continuations) > 100 and len(set(continuations)) > 5  # real continuations, not one token
 
 
 def test_tq_exports_choose_our_models_next_token(exports, trained, heldout_windows):
