@@ -239,6 +239,40 @@ def test_exported_tokenizer_gives_the_runs_ids(which, shared_data, llama_tokeniz
     assert (config["bos_token_id"], config["eos_token_id"]) == (run_tok.bos_id, run_tok.eos_id)
 
 
+@pytest.mark.parametrize("which", ["llama2", "builtin"])
+def test_exported_tokenizer_adds_bos_like_the_training_packer(which, llama_tokenizer_dir, tmp_path):
+    """Training packed [BOS] + ids + [EOS]: a plain tokenizer(text) of the export must give [BOS] + ids,
+    so a user's model.generate continues from the prompt the model saw (bitnet_jax.samples.prompt_ids)."""
+    from transformers import AutoTokenizer
+
+    from bitnet_jax.samples import prompt_ids
+
+    name = str(llama_tokenizer_dir / "tokenizer.model") if which == "llama2" else "builtin"
+    run_tok = load_tokenizer(TokenizerConfig(name_or_path=name, builtin_vocab_size=BUILTIN_VOCAB))
+    tok_dir = run_tok.save(tmp_path / "run" / "tokenizer")
+    cfg = _cfg(vocab_size=run_tok.vocab_size, hidden_size=16, num_attention_heads=2, num_key_value_heads=None,
+               intermediate_size=32)
+    _, params = _model(cfg)
+    out = export_model(cfg, params, tok_dir, tmp_path / "hf", "online").out_dir
+
+    hf_tok = AutoTokenizer.from_pretrained(str(out))
+    texts = ["The meaning of", " leading space", "", "<s> literal", "def f(x):\n    return x"]
+    assert [hf_tok(t).input_ids for t in texts] == [prompt_ids(run_tok, t) for t in texts]
+    assert hf_tok(texts).input_ids[0][0] == run_tok.bos_id
+    assert "tok('The meaning of', return_tensors='pt').input_ids" in (out / "README.md").read_text()
+
+
+def test_exported_files_all_have_the_mode_of_a_new_file(builtin_tok_dir, tmp_path):
+    cfg = _cfg()
+    _, params = _model(cfg)
+    for fmt in ("online", "packed"):
+        out = export_model(cfg, params, builtin_tok_dir, tmp_path / fmt, fmt).out_dir
+        (tmp_path / "fresh").write_text("")
+        fresh = (tmp_path / "fresh").stat().st_mode
+        modes = {f.name: oct(f.stat().st_mode) for f in out.iterdir()}
+        assert set(modes.values()) == {oct(fresh)}, modes  # safetensors alone used to be 0600
+
+
 # --------------------------------------------------------------------------- a real run, the CLI
 
 TRAIN_ARGS = ["--config", "configs/tiny.yaml", "--set", "train.steps=10", "--set", "optim.warmup_steps=2",

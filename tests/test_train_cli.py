@@ -102,3 +102,49 @@ def test_running_out_of_data_saves_and_stops_cleanly(tmp_path, shared_data):
     assert (tmp_path / "r" / "checkpoints" / str(last)).is_dir()
     assert "resume with" not in out.stdout  # resuming in place would stop again at once
     assert f"--resume {tmp_path / 'r' / 'checkpoints' / str(last)} --run-id NEW_ID" in out.stdout
+
+
+# Runs a script as in a venv without torch: the path finder no longer sees torch, so `import torch`
+# fails and importlib.util.find_spec("torch") is None (how transformers and datasets look for it).
+NO_TORCH = """
+import importlib.machinery, runpy, sys
+
+class NoTorch:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name != "torch" and not name.startswith("torch."):
+            return importlib.machinery.PathFinder.find_spec(name, path, target)
+
+    @staticmethod
+    def find_distributions(*args, **kwargs):  # importlib.metadata: no torch distribution either
+        for dist in importlib.machinery.PathFinder.find_distributions(*args, **kwargs):
+            if dist.metadata["Name"] != "torch":
+                yield dist
+
+    @staticmethod
+    def invalidate_caches():
+        importlib.machinery.PathFinder.invalidate_caches()
+
+sys.meta_path = [NoTorch if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_train_and_status_need_no_torch(tmp_path):
+    """`make train` installs no torch (it is in the test extra only): training (with eval, samples,
+    metrics and checkpoints) and status run with torch unimportable. (.ci/run also runs both in a real
+    venv of the runtime dependencies.)"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    short = ["--set", "train.steps=4", "--set", "optim.warmup_steps=1", "--set", "train.batch_size=2",
+             "--set", "train.seq_len=32", "--set", "eval.every=2", "--set", "log.samples_every=2",
+             "--set", "log.metrics_every=2", "--set", "checkpoint.every=2", "--set", "log.progress=false"]
+    out = subprocess.run([sys.executable, "-c", NO_TORCH, str(REPO / "train.py"), "--config", "configs/tiny.yaml",
+                          *short, "--runs-dir", str(tmp_path), "--run-id", "r"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    status = subprocess.run([sys.executable, "-c", NO_TORCH, str(REPO / "status.py"), str(tmp_path / "r"), "--json"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr[-3000:]
+    assert '"state": "finished"' in status.stdout and '"step": 4' in status.stdout
