@@ -3,6 +3,8 @@
 #                   no --config is passed.
 # `make test`:      create .venv if missing, install the test extra too, run the test suite.
 # `make install`:   the development install (the test extra), as `make test` makes it.
+# `make status RUN=runs/ID`       the run's status report (status.py; ARGS="--watch 30" etc.)
+# `make tensorboard RUN=runs/ID`  TensorBoard on the run's event files
 # `make test-gguf`: install the gguf extra too (llama-cpp-python: the first install compiles
 #                   llama.cpp, about 17 minutes on 2 cores; pip caches the wheel), run the GGUF tests.
 PYTHON ?= python3
@@ -20,7 +22,7 @@ STAMP_GGUF := $(VENV)/.installed-gguf-$(HASH)
 GGUF_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 RUN_CONFIG := $(if $(findstring --resume,$(ARGS)),,--config $(CONFIG))
 
-.PHONY: install train test test-gguf dry-run clean
+.PHONY: install train status tensorboard test test-gguf dry-run clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +47,12 @@ install: $(STAMP_TEST)
 
 train: $(STAMP_RUN)
 	$(PY) train.py $(RUN_CONFIG) $(ARGS)
+
+status: $(STAMP_RUN)
+	$(PY) status.py $(or $(RUN),$(error give the run: make status RUN=runs/<run_id>)) $(ARGS)
+
+tensorboard: $(STAMP_RUN)
+	$(VENV)/bin/tensorboard --logdir $(or $(RUN),$(error give the run: make tensorboard RUN=runs/<run_id>))/tb $(ARGS)
 
 dry-run: $(STAMP_RUN)
 	$(PY) train.py --config configs/bitnet_95m.yaml --dry-run

@@ -78,3 +78,14 @@ def test_make_train_passes_the_config_unless_resuming(project):
     # A resumed run uses its stored config; a --config with another schedule would be refused.
     assert _train_command(project, "ARGS=--resume latest --run-id r1") == "PYTHON train.py --resume latest --run-id r1"
     assert _train_command(project, "ARGS=--resume runs/r1") == "PYTHON train.py --resume runs/r1"
+
+
+def test_make_status_and_tensorboard_run_the_venvs_tools_on_the_run(project):
+    status = [line for line in make(project, "status", "RUN=runs/r1", "ARGS=--json") if line.startswith("PYTHON")]
+    assert status == ["PYTHON status.py runs/r1 --json"]
+    tb = subprocess.run(["make", "--no-print-directory", "-n", "PIP=echo PIP", "tensorboard", "RUN=runs/r1"],
+                        cwd=project, capture_output=True, text=True, timeout=60)
+    assert tb.returncode == 0 and ".venv/bin/tensorboard --logdir runs/r1/tb" in tb.stdout
+    missing = subprocess.run(["make", "--no-print-directory", "PIP=echo PIP", "status"], cwd=project,
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "make status RUN=runs/<run_id>" in missing.stderr
