@@ -87,22 +87,25 @@ class Console:
             self.skipped += 1
         elif self.first is None and math.isfinite(m["loss"]):
             self.first = (info.step, m["loss"])
-        self._step_times.append(m["step_time_ms"])
+        first = info.step == self.start_step + 1  # its time is mostly compilation: not a step time
+        if not first:
+            self._step_times.append(m["step_time_ms"])
         if self._bar is not None:
             self._bar.update(info.step - self._bar.n)
             self._bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:,.0f}",
                                   stage=int(m["stage"]), refresh=False)
         now = time.monotonic()
         due = self.print_every > 0 and info.step % self.print_every == 0
-        first = info.step == self.start_step + 1  # compiled and running: say so at once
         if due or first or now - self._last_line >= MAX_SILENCE_S or info.step == self.total_steps:
-            self._last_line = now
-            self.say(self.progress_line(info.step, m))
+            self._last_line = now  # the first line says at once that the step compiled and runs
+            self.say(self.progress_line(info.step, m, first=first))
 
-    def progress_line(self, step: int, m: dict) -> str:
+    def progress_line(self, step: int, m: dict, first: bool = False) -> str:
         width = len(str(self.total_steps))
-        parts = [f"step {step:>{width}}/{self.total_steps}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.3e}",
-                 f"{m['tokens_per_sec']:,.0f} tok/s"]
+        parts = [f"step {step:>{width}}/{self.total_steps}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.3e}"]
+        if first:
+            return " | ".join(parts + [f"first step {format_duration(m['step_time_ms'] / 1e3)} (compiling included)"])
+        parts.append(f"{m['tokens_per_sec']:,.0f} tok/s")
         if "mfu" in m:
             parts.append(f"mfu {100 * m['mfu']:.1f}%")
         if self._step_times:

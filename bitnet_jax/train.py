@@ -207,7 +207,7 @@ def start_rows(cfg: Config, paths: RunPaths, mesh, restored) -> list[tuple[str, 
         ("parameters", f"{n:,} ({format_count(n)})"),
         ("devices", f"{devices}, mesh {dict(mesh.shape)}"),
         ("tokens per step", f"{cfg.tokens_per_step:,} ({cfg.train.batch_size} x {cfg.train.seq_len})"),
-        ("steps", f"{cfg.train.steps:,} ({format_count(cfg.total_tokens)} tokens), stage 2 from update "
+        ("steps", f"{cfg.train.steps:,} ({format_count(cfg.total_tokens)} tokens), stage switch after step "
                   f"{cfg.stage_switch:,}"),
         ("start", f"resumed from {restored.step_dir} (step {restored.step:,})" if restored else "step 0 (new run)"),
     ]

@@ -16,7 +16,7 @@ def test_progress_lines_every_n_steps_with_eta(capsys):
         console.on_step(StepInfo(step, {**METRICS, "mfu": 0.25}))
     out = capsys.readouterr().out.splitlines()
     assert out == [
-        "step  1/10 | loss 3.2500 | lr 1.500e-03 | 4,096 tok/s | mfu 25.0% | eta 4 s",  # the first step always
+        "step  1/10 | loss 3.2500 | lr 1.500e-03 | first step 0 s (compiling included)",  # the first step always
         "step  4/10 | loss 3.2500 | lr 1.500e-03 | 4,096 tok/s | mfu 25.0% | eta 3 s",
         "step  8/10 | loss 3.2500 | lr 1.500e-03 | 4,096 tok/s | mfu 25.0% | eta 1 s",
         "step 10/10 | loss 3.2500 | lr 1.500e-03 | 4,096 tok/s | mfu 25.0% | eta 0 s",  # the last step always

@@ -7,7 +7,6 @@ These tests need the gguf extra (``make test-gguf``; the first install compiles 
 it they skip, unless BITNET_REQUIRE_LLAMA_CPP is set (``make test-gguf`` sets it), then they fail.
 """
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -246,7 +245,7 @@ def test_llama_cpp_computes_silu_for_a_relu2_model(tmp_path, monkeypatch):
 
     _float_activations(monkeypatch)
     as_relu2 = np.asarray(model(jnp.asarray([tokens])))[0]
-    silu = BitNetLM(dataclasses.replace(cfg.model, hidden_act="silu"), rngs=nnx.Rngs(3))
+    silu = BitNetLM(cfg.model.model_copy(update={"hidden_act": "silu"}), rngs=nnx.Rngs(3))
     nnx.update(silu, params)
     as_silu = np.asarray(silu(jnp.asarray([tokens])))[0]
     print(f"relu2 model in llama.cpp: max |diff| to relu2 {np.abs(theirs - as_relu2).max():.3g}, "
