@@ -69,6 +69,9 @@ def _problems(cfg: Config, given: Iterable[str] = ()) -> Iterator[str]:
     if m.attention == "cudnn" and m.compute_dtype != "bfloat16":
         yield (f"model.attention 'cudnn' needs model.compute_dtype bfloat16 (cuDNN attention has no "
                f"{m.compute_dtype} kernel); set model.compute_dtype=bfloat16, or model.attention=auto or xla")
+    if m.matmul == "int8" and m.quantization == "none":
+        yield ("model.matmul 'int8' multiplies BitNet's integer codes, but model.quantization is 'none' (the dense "
+               "twin has none); set model.matmul=float, or model.quantization=bitnet")
     if m.num_attention_heads % m.kv_heads:
         yield (f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
                f"model.num_key_value_heads ({m.num_key_value_heads})")

@@ -66,6 +66,8 @@ class ModelConfig(_Section):
                                       "zero and nothing learns), e.g. 0.02", gt=0)
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cudnn on GPU with bf16, else xla; cudnn needs bf16
+    quantization: Literal["bitnet", "none"] = "bitnet"  # none: the dense twin (same layout, plain float linears)
+    matmul: Literal["float", "int8"] = "float"  # BitLinear product: float (dequantized, as transformers) or int8 codes
 
     @property
     def kv_heads(self) -> int:

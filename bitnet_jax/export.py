@@ -89,9 +89,20 @@ def check_out_file(out_file: Path, force: bool, protected: tuple[Path, ...] = ()
         raise ExportError(f"--out {out_file} exists; choose a new file name, or pass --force to replace it")
 
 
+def check_bitnet(cfg: Config) -> None:
+    """Refuses the dense twin: every export format is a BitNet layout, whose readers (transformers'
+    BitNet quantization, bitnet.cpp) would quantize its plain float weights to ternary ones."""
+    if cfg.model.quantization != "bitnet":
+        raise ExportError(f"this checkpoint is a dense twin (model.quantization: {cfg.model.quantization}), and "
+                          "every export format here is BitNet's: transformers or bitnet.cpp would quantize its "
+                          "float weights to ternary ones and compute a different model; read its float32 "
+                          "weights with bitnet_jax.checkpoint.load_params instead")
+
+
 def check_format(cfg: Config, fmt: str) -> None:
     from bitnet_jax.hf import packing_problems
 
+    check_bitnet(cfg)
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS + (GGUF,))}")
     problems = packing_problems(cfg.model) if fmt == "packed" else []
@@ -245,6 +256,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
     opened = open_step(run_dir, step)  # the step's metadata only; its arrays are read last
     # The stored config is small JSON: check the format and the tokenizer against it before reading arrays.
     load_checked_tokenizer(run_dir / "tokenizer", opened.cfg)
+    check_bitnet(opened.cfg)  # GGUF's BitNet types too
     if fmt == GGUF:
         from bitnet_jax.gguf_export import check_gguf_export
 

@@ -135,7 +135,9 @@ def packing_problems(cfg: ModelConfig) -> list[str]:
 
 def torch_reference_model(cfg: ModelConfig, params: nnx.State):
     """transformers' PyTorch ``BitNetForCausalLM`` holding our weights, with online ``autobitlinear``
-    quantization (float32). The numerical reference for tests and the baseline for benchmarks.
+    quantization (float32); for the dense twin (``quantization: none``) without quantization, as
+    transformers runs a BitNet config that has no quantization_config. The numerical reference for
+    tests and the baseline for benchmarks.
 
     transformers swaps ``nn.Linear`` for ``AutoBitLinear`` only when it loads a checkpoint through its
     quantization machinery; building the model directly, the same replacement is applied by hand (the
@@ -146,9 +148,13 @@ def torch_reference_model(cfg: ModelConfig, params: nnx.State):
     from transformers.utils.quantization_config import BitNetQuantConfig
 
     fields = {k: v for k, v in hf_config_dict(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    if cfg.quantization == "none":  # the dense twin: without a quantization_config, plain float linears
+        del fields["quantization_config"]
     hf_cfg = BitNetConfig(**fields)
-    model = replace_with_bitnet_linear(BitNetForCausalLM(hf_cfg), modules_to_not_convert=["lm_head"],
-                                       quantization_config=BitNetQuantConfig(**hf_cfg.quantization_config))
+    model = BitNetForCausalLM(hf_cfg)
+    if cfg.quantization == "bitnet":
+        model = replace_with_bitnet_linear(model, modules_to_not_convert=["lm_head"],
+                                           quantization_config=BitNetQuantConfig(**hf_cfg.quantization_config))
     state = {k: torch.from_numpy(v.copy()) for k, v in hf_state_dict(params).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:

@@ -11,6 +11,7 @@ H head dim, F intermediate, V vocab.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bitnet_jax.config import ModelConfig
-from bitnet_jax.quant import quantize_activation_ste, quantize_weight_ste
+from bitnet_jax.quant import activation_codes, quantize_activation_ste, quantize_weight_ste, ternary
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -47,18 +48,82 @@ class RMSNorm(nnx.Module):
         return (x32 * self.weight[...]).astype(self.dtype)
 
 
+def float_product(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """The BitLinear product as transformers computes it (``model.matmul: float``): the quantized
+    values ``q / s`` and ``t * gamma`` (float32, straight-through) cast to the compute dtype and
+    multiplied with float32 accumulation. ``x [..., I] @ w [I, O] -> [..., O]`` in ``dtype``."""
+    with jax.named_scope("act_quant"):
+        xq = quantize_activation_ste(x).astype(dtype)
+    with jax.named_scope("weight_quant"):
+        wq = quantize_weight_ste(w).astype(dtype)
+    with jax.named_scope("bitlinear_matmul"):
+        return jnp.dot(xq, wq, preferred_element_type=jnp.float32).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def int8_product(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """The BitLinear product on the integer codes (``model.matmul: int8``): int8 activations ``q``
+    times int8 ternary weights ``t``, summed exactly in int32, then one rescale by ``gamma / s``.
+    The same function as ``float_product`` without the rounding of its products and sums (so equal
+    to it within float rounding); on GPUs it can run on int8 tensor cores. The backward pass is
+    ``float_product``'s, operation for operation (straight-through, in the compute dtype)."""
+    with jax.named_scope("act_quant"):
+        q, s = activation_codes(x)
+        q_int8 = q.astype(jnp.int8)
+    with jax.named_scope("weight_quant"):
+        t, gamma = ternary(w)
+        t_int8 = t.astype(jnp.int8)
+    with jax.named_scope("bitlinear_matmul"):
+        acc = jax.lax.dot_general(q_int8, t_int8, (((x.ndim - 1,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.int32)
+        # int32 -> float32 is exact below 2^24 (|acc| <= 128 * in_features).
+        return (acc.astype(jnp.float32) * (gamma / s)).astype(dtype)
+
+
+def _int8_product_fwd(x, w, dtype):
+    # The inputs are the residuals, as the float path keeps its quantized inputs: the same bytes.
+    return int8_product(x, w, dtype), (x, w)
+
+
+def _int8_product_bwd(dtype, residuals, g):
+    # float_product's own backward: its forward product is unused here and removed by XLA.
+    _, float_vjp = jax.vjp(lambda x, w: float_product(x, w, dtype), *residuals)
+    return float_vjp(g)
+
+
+int8_product.defvjp(_int8_product_fwd, _int8_product_bwd)
+
+
+def dense_product(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """A plain linear (``model.quantization: none``, the dense twin): ``x @ w`` in the compute dtype
+    with float32 accumulation."""
+    with jax.named_scope("bitlinear_matmul"):  # the same slot in profiles as the BitLinear products
+        return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+
+
+PRODUCTS = {"float": float_product, "int8": int8_product, "dense": dense_product}
+
+
+def product_kind(cfg: ModelConfig) -> str:
+    """``dense`` for the dense twin, else the BitLinear product ``model.matmul`` names."""
+    return "dense" if cfg.quantization == "none" else cfg.matmul
+
+
 class BitLinear(nnx.Module):
     """Linear layer with ternary weights and int8 per-token activations (straight-through).
 
-    ``y = quant_act(x) @ quant_weight(W)``; the quantizers run in float32, the matmul in the compute
-    dtype with float32 accumulation. No bias (BitNet has none).
+    ``y = quant_act(x) @ quant_weight(W)``; the quantizers run in float32, the product (``product``:
+    see ``PRODUCTS``) in the compute dtype with float32 accumulation, or on the integer codes. The
+    dense twin's layers are BitLinears with ``product="dense"``: same parameters, no quantization.
+    No bias (BitNet has none).
     """
 
     def __init__(self, in_features: int, out_features: int, *, dtype: jnp.dtype, init_std: float,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, product: str = "float"):
         init = jax.nn.initializers.normal(init_std)
         self.weight = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32))
         self.dtype = dtype
+        self.product = product
         # Set by BitNet metrics (under nnx.capture) to record each token's input absmax; off in training.
         self.capture_input = False
 
@@ -66,13 +131,12 @@ class BitLinear(nnx.Module):
         if self.capture_input:
             self.sow(nnx.Intermediate, "input_absmax", jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1))
         # Named scopes label the ops in profiles (benchmarks/bench_train.py --profile); no effect on numerics.
-        with jax.named_scope("act_quant"):
-            xq = quantize_activation_ste(x).astype(self.dtype)
-        with jax.named_scope("weight_quant"):
-            wq = quantize_weight_ste(self.weight[...]).astype(self.dtype)
-        with jax.named_scope("bitlinear_matmul"):
-            y = jnp.dot(xq, wq, preferred_element_type=jnp.float32)
-            return y.astype(self.dtype)
+        return PRODUCTS[self.product](x, self.weight[...], self.dtype)
+
+
+def _linear(cfg: ModelConfig, in_features: int, out_features: int, rngs: nnx.Rngs) -> BitLinear:
+    return BitLinear(in_features, out_features, dtype=_dtype(cfg.compute_dtype), init_std=cfg.initializer_range,
+                     rngs=rngs, product=product_kind(cfg))
 
 
 @jax.custom_vjp
@@ -149,14 +213,23 @@ def _attention_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS) -> jax.Array:
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(dtype)
 
 
+def attention_implementation(attention: str, compute_dtype, backend: str | None = None) -> str:
+    """What ``model.attention`` runs as on ``backend`` (default: JAX's): ``cudnn`` (fused, stores no
+    attention matrices) or ``xla`` (``_attention_xla``); ``auto`` is cuDNN on a GPU in bfloat16."""
+    if attention != "auto":
+        return attention
+    backend = backend or jax.default_backend()
+    return "cudnn" if jnp.dtype(compute_dtype) == jnp.bfloat16 and backend == "gpu" else "xla"
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        dt, std = _dtype(cfg.compute_dtype), cfg.initializer_range
+        dt = _dtype(cfg.compute_dtype)
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = BitLinear(d, n * h, dtype=dt, init_std=std, rngs=rngs)
-        self.k_proj = BitLinear(d, k * h, dtype=dt, init_std=std, rngs=rngs)
-        self.v_proj = BitLinear(d, k * h, dtype=dt, init_std=std, rngs=rngs)
-        self.o_proj = BitLinear(n * h, d, dtype=dt, init_std=std, rngs=rngs)
+        self.q_proj = _linear(cfg, d, n * h, rngs)
+        self.k_proj = _linear(cfg, d, k * h, rngs)
+        self.v_proj = _linear(cfg, d, k * h, rngs)
+        self.o_proj = _linear(cfg, n * h, d, rngs)
         self.attn_sub_norm = RMSNorm(d, cfg.rms_norm_eps, dt)
         self.num_heads, self.kv_heads, self.head_dim = n, k, h
         self.rope_theta = cfg.rope_theta
@@ -164,10 +237,7 @@ class Attention(nnx.Module):
         self.dtype = dt
 
     def _use_cudnn(self) -> bool:
-        if self.implementation == "cudnn":
-            return True
-        return (self.implementation == "auto" and self.dtype == jnp.bfloat16
-                and jax.default_backend() == "gpu")
+        return attention_implementation(self.implementation, self.dtype) == "cudnn"
 
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
                  cache: KVCache | None = None, cache_index: jax.Array | None = None):
@@ -203,12 +273,11 @@ class MLP(nnx.Module):
     """Gated MLP: ``down(ffn_sub_norm(act(gate(x)) * up(x)))`` with act relu2 (ReLU squared) or silu."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        dt, std = _dtype(cfg.compute_dtype), cfg.initializer_range
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = BitLinear(d, f, dtype=dt, init_std=std, rngs=rngs)
-        self.up_proj = BitLinear(d, f, dtype=dt, init_std=std, rngs=rngs)
-        self.down_proj = BitLinear(f, d, dtype=dt, init_std=std, rngs=rngs)
-        self.ffn_sub_norm = RMSNorm(f, cfg.rms_norm_eps, dt)
+        self.gate_proj = _linear(cfg, d, f, rngs)
+        self.up_proj = _linear(cfg, d, f, rngs)
+        self.down_proj = _linear(cfg, f, d, rngs)
+        self.ffn_sub_norm = RMSNorm(f, cfg.rms_norm_eps, _dtype(cfg.compute_dtype))
         self.hidden_act = cfg.hidden_act
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:

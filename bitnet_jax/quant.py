@@ -37,10 +37,17 @@ def activation_scale(x: jax.Array) -> jax.Array:
     return ACT_QMAX / jnp.maximum(absmax, ACT_ABSMAX_FLOOR)
 
 
+def activation_codes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns (q, s): the int8 codes ``clip(round(x * s), -128, 127)`` (float32 values, same shape as
+    x) and the per-token scale ``s`` (``x.shape[:-1] + (1,)``), with ``x ~ q / s``."""
+    s = activation_scale(x)
+    return jnp.clip(jnp.round(x.astype(jnp.float32) * s), -128.0, 127.0), s
+
+
 def quantize_activation(x: jax.Array) -> jax.Array:
     """``clip(round(x * s), -128, 127) / s`` per token, in float32."""
-    s = activation_scale(x)
-    return jnp.clip(jnp.round(x.astype(jnp.float32) * s), -128.0, 127.0) / s
+    q, s = activation_codes(x)
+    return q / s
 
 
 def _straight_through(v: jax.Array, q: jax.Array) -> jax.Array:

@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 # run continues correctly, but bit-for-bit equality with an uninterrupted run needs the same values,
 # so changing them prints a note (RESUME_NOT_BITWISE).
 RESUME_MAY_CHANGE = ("name", "log.*", "eval.every", "checkpoint.*", "data.num_workers",
-                     "data.prefetch_batches", "data.tokenize_batch", "mesh.*", "model.attention")
-RESUME_NOT_BITWISE = ("mesh.*", "model.attention")
+                     "data.prefetch_batches", "data.tokenize_batch", "mesh.*", "model.attention", "model.matmul")
+RESUME_NOT_BITWISE = ("mesh.*", "model.attention", "model.matmul")
 
 
 @dataclasses.dataclass(frozen=True)
