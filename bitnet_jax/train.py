@@ -52,32 +52,18 @@ def default_run_id(cfg: Config, stamp: int | None = None) -> str:
 
 # --------------------------------------------------------------------------- dry run
 
-def memory_estimate_bytes(cfg: Config) -> dict[str, float]:
-    """Rough device memory of training: float32 params, grads and two Adam moments (16 B/param),
-    plus activations kept for the backward pass (Korthikanti et al. 2022, ``s b h (34 + 5 a s / h)``
-    bytes per layer in 16-bit, doubled for float32 compute)."""
-    from bitnet_jax.model import count_params
-
-    m, t = cfg.model, cfg.train
-    n = count_params(m)
-    micro = t.batch_size // t.grad_accum
-    per_layer = t.seq_len * micro * m.hidden_size * (34 + 5 * m.num_attention_heads * t.seq_len / m.hidden_size)
-    scale = 1.0 if m.compute_dtype == "bfloat16" else 2.0
-    activations = per_layer * m.num_hidden_layers * scale + micro * t.seq_len * m.vocab_size * 4 * 2  # + logits
-    return {"state": 16.0 * n, "activations": activations, "total": 16.0 * n + activations}
-
-
 def dry_run(cfg: Config) -> None:
     import jax
 
-    from bitnet_jax.model import count_params, flops_per_token
+    from bitnet_jax.memory import GIB, estimate_bytes
+    from bitnet_jax.model import attention_implementation, count_params, flops_per_token
     from bitnet_jax.train_state import abstract_state
 
     _, state = abstract_state(cfg)  # builds the model abstractly: no allocation, no data
     n = sum(x.size for x in jax.tree.leaves(state.params))
     assert n == count_params(cfg.model)
     fpt = flops_per_token(cfg.model, cfg.train.seq_len)
-    mem = memory_estimate_bytes(cfg)
+    mem = estimate_bytes(cfg)
     print(f"config:            {cfg.name}")
     print(f"parameters:        {n:,} ({format_count(n)})")
     print(f"FLOPs per token:   {fpt / 1e6:,.1f} MFLOP (6N + 12 L d T)")
@@ -85,8 +71,15 @@ def dry_run(cfg: Config) -> None:
     print(f"total tokens:      {cfg.total_tokens:,} ({format_count(cfg.total_tokens)}) over {cfg.train.steps:,} steps")
     print(f"total compute:     {fpt * cfg.total_tokens:.3g} FLOPs")
     print(f"stage switch:      step {cfg.stage_switch:,}")
-    print(f"device memory:     ~{mem['total'] / 2**30:.2f} GiB (state {mem['state'] / 2**30:.2f} GiB "
-          f"+ activations {mem['activations'] / 2**30:.2f} GiB, estimate)")
+    m = cfg.model
+    attention = attention_implementation(m.attention, m.compute_dtype)
+    print(f"device memory:     ~{mem['total'] / GIB:.2f} GiB (estimate, {attention} attention on "
+          f"{jax.default_backend()}): state {mem['state'] / GIB:.2f} + weight copies {mem['weights'] / GIB:.2f} "
+          f"+ activations {mem['activations'] / GIB:.2f} (attention {mem['attention'] / GIB:.2f}) "
+          f"+ logits {mem['logits'] / GIB:.2f} GiB")
+    if m.attention == "auto" and attention_implementation("auto", m.compute_dtype, "gpu") != attention:
+        print(f"                   ~{estimate_bytes(cfg, 'gpu')['total'] / GIB:.2f} GiB on a GPU "
+              "(model.attention auto runs cuDNN there, which keeps no attention matrices)")
 
 
 # --------------------------------------------------------------------------- the run
