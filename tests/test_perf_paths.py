@@ -119,38 +119,103 @@ def test_compiler_options_only_on_cpu_and_never_over_the_users_xla_flags(monkeyp
 TINY_SETS = ["model.hidden_size=64", "model.num_attention_heads=4", "train.batch_size=4", "train.seq_len=32"]
 
 
+def _benchmark_module(name: str):
+    """A benchmarks/ script as a module (it puts benchmarks/ on sys.path for its own imports)."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
 @pytest.mark.slow
-def test_bench_train_compares_with_transformers_on_the_same_weights_and_batches(tmp_path):
+def test_bench_train_compares_with_transformers_and_the_dense_twin_on_the_same_weights_and_batches(tmp_path):
     out = tmp_path / "bench.json"
     sets = [a for s in TINY_SETS for a in ("--set", s)]
     proc = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--config", "configs/tiny.yaml", *sets,
-                           "--steps", "2", "--warmup", "1", "--compare-hf", "--profile", "--json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--steps", "2", "--warmup", "1", "--compare-hf", "--compare-dense", "--profile",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    ours, theirs = result["rows"]
-    assert ours["name"].startswith("bitnet-jax") and theirs["name"].startswith("transformers")
-    assert ours["steps"] == theirs["steps"] == 2
+    ours, dense, theirs = result["rows"]
+    assert ours["name"] == "bitnet-jax BitNet (matmul float, attention auto)"
+    assert dense["name"] == "bitnet-jax dense twin (attention auto)" and theirs["name"].startswith("transformers")
+    assert ours["steps"] == dense["steps"] == theirs["steps"] == 2
     # Same weights, same first batch: the same loss (to float32 noise) before any update.
     assert abs(ours["first_loss"] - theirs["first_loss"]) < 1e-4 * abs(theirs["first_loss"])
-    assert result["speedup_vs_transformers"] > 0
+    assert dense["first_loss"] != ours["first_loss"]  # the same weights, unquantized
+    ratios = result["ratios"]
+    assert ratios["bitnet_vs_dense"] == ours["tokens_per_s"] / dense["tokens_per_s"]
+    assert ratios["bitnet_vs_transformers_eager"] == result["speedup_vs_transformers"] > 0
     assert "lm_head (fwd)" in result["profile_ms"]  # the named scopes reach the profile
+    assert sum(result["breakdown_ms"].values()) == pytest.approx(sum(result["profile_ms"].values()))
+    assert "bitnet-jax BitNet / bitnet-jax dense twin tokens/s" in proc.stdout
     assert "bitnet-jax / transformers tokens/s" in proc.stdout
 
 
+def test_ratios_pair_the_best_row_of_each_side_and_the_breakdown_keeps_every_millisecond():
+    bench = _benchmark_module("bench_train")
+
+    def row(name, tps, **tags):
+        return bench.Result(name, 1e3 / tps, tps, 1.0, 5.0, tags=tags)
+
+    rows = [row("float xla", 100.0, framework="bitnet-jax", model="bitnet", matmul="float"),
+            row("float cudnn", 150.0, framework="bitnet-jax", model="bitnet", matmul="float"),
+            row("int8", 120.0, framework="bitnet-jax", model="bitnet", matmul="int8"),
+            row("dense", 160.0, framework="bitnet-jax", model="dense", matmul="float"),
+            row("eager", 50.0, framework="transformers", model="bitnet", torch_compile=False),
+            row("compiled", 75.0, framework="transformers", model="bitnet", torch_compile=True)]
+    assert bench.ratios(rows) == {"bitnet_vs_transformers_eager": 150.0 / 50.0,
+                                  "bitnet_vs_transformers_compile": 150.0 / 75.0,
+                                  "bitnet_vs_dense": 150.0 / 160.0, "int8_vs_dense": 120.0 / 160.0}
+    assert bench.ratios(rows[:1]) == {}
+    cats = {"bitlinear_matmul (fwd)": 3.0, "lm_head (bwd)": 2.0, "act_quant (fwd)": 1.5, "rope (bwd)": 0.25,
+            "optimizer": 0.5, "other (fwd)": 0.125}
+    parts = bench.breakdown(cats)
+    assert parts["matmuls"] == 5.0 and parts["quantizers"] == 1.5 and parts["other"] == 0.375
+    assert sum(parts.values()) == sum(cats.values())
+    assert bench._category("") == "other"  # a kernel without metadata is no optimizer time
+
+
 @pytest.mark.slow
-def test_gpu_bench_script_runs_end_to_end_on_cpu(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "CONFIG": "configs/tiny.yaml", "SETS": " ".join(TINY_SETS),
-           "STEPS": "2", "WARMUP": "1", "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"}
-    env.pop("ATTENTION", None)
+def test_gpu_bench_script_runs_every_row_and_writes_the_results_file_on_cpu(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "RESULTS_DIR": str(tmp_path / "results"),
+           "CONFIG": "configs/tiny.yaml", "SETS": " ".join(TINY_SETS), "STEPS": "2", "WARMUP": "1",
+           "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"}
+    for knob in ("BEST_ATTENTION", "TORCH_COMPILE", "BUDGET", "HF", "PROFILE"):
+        env.pop(knob, None)
     proc = subprocess.run(["bash", "benchmarks/gpu_bench.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "devices " in proc.stdout and ("(no nvidia-smi)" in proc.stdout or "NVIDIA-SMI" in proc.stdout)
-    table = (tmp_path / "gpu_bench.md").read_text()
-    assert "bitnet-jax (attention xla)" in table and "60,000 steps" in table
-    rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
-    assert rows[0]["tokens_per_s"] > 0 and rows[0]["first_loss"] > 0
+    (kept_file,) = (tmp_path / "results").glob("gpu-*.json")
+    kept = json.loads(kept_file.read_text())
+    assert kept_file.name == f"gpu-cpu-{kept['date']}.json"  # no nvidia-smi: the JAX device kind
+    assert (tmp_path / "out" / kept_file.name).read_text() == kept_file.read_text()
+    assert kept["device"] == "cpu" and kept["jax"] == jax.__version__ and kept["config"] == "tiny"
+    rows = {r["name"]: r for r in kept["rows"]}
+    float_row = rows["bitnet-jax BitNet (matmul float, attention xla)"]
+    int8_row = rows["bitnet-jax BitNet (matmul int8, attention xla)"]
+    dense_row = rows["bitnet-jax dense twin (attention xla)"]
+    (hf_name,) = [n for n in rows if n.startswith("transformers BitNet")]  # no torch.compile row on CPU
+    for r in rows.values():
+        assert {"name", "tokens_per_sec", "step_ms", "mfu", "peak_mem_gib"} <= set(r)
+        assert r["tokens_per_sec"] > 0 and r["step_ms"] > 0
+    assert abs(rows[hf_name]["first_loss"] - float_row["first_loss"]) < 1e-4 * float_row["first_loss"]
+    assert abs(int8_row["first_loss"] - float_row["first_loss"]) < 1e-5 * float_row["first_loss"]
+    assert float_row["estimate_mem_gib"] > 0 and float_row["xla_mem_gib"] > 0
+    assert kept["ratios"]["int8_vs_dense"] == int8_row["tokens_per_sec"] / dense_row["tokens_per_sec"]
+    assert set(kept["ratios"]) == {"bitnet_vs_transformers_eager", "bitnet_vs_dense", "int8_vs_dense"}
+    assert set(kept["breakdown_ms"]) == {"matmuls", "attention", "quantizers", "norms", "loss", "optimizer", "other"}
+    assert kept["breakdown_ms"]["matmuls"] > 0 and kept["profiled"] == float_row["name"]
+    assert "BitLinear forward products" in kept["int8_dot"] == int8_row["int8_dot"]
+    assert "BitLinear forward products" in (tmp_path / "out" / "int8_hlo.txt").read_text()
+    table = (tmp_path / "out" / "gpu_bench.md").read_text()
+    assert "60,000 steps" in table and "estimate (dry run)" in table and "bitnet-jax dense twin" in table
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [kept_file.name, "gpu_bench.log", "gpu_bench.md", "int8_hlo.txt"])  # what comes back from a device
 
 
 @pytest.mark.parametrize("overrides", [{}, {"model": {"num_key_value_heads": 4}}, {"model": {"num_key_value_heads": 1}}])
