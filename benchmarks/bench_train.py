@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-mode", default="eager",
                    help="comma list of how to run the PyTorch model: eager, compile (torch.compile)")
     p.add_argument("--hlo-out", help="write the int8 contestants' BitLinear products from the compiled HLO here")
+    p.add_argument("--autodiff-matmul", action="store_true",
+                   help="the linear layers' products with autodiff's backward (float32 x compute-dtype "
+                        "products), as before model.compute_dtype_matmul: to measure what that change gained")
     p.add_argument("--profile", action="store_true", help="trace a few steps and print where the time goes")
     p.add_argument("--dry-run", action="store_true",
                    help="compile the step for the config and print XLA's cost and memory analysis; no steps")
@@ -90,11 +93,22 @@ def variant(cfg, **model):
     return config_lib.from_dict(data)
 
 
-def contestant_name(cfg) -> str:
+def contestant_name(cfg, autodiff_matmul: bool = False) -> str:
     m = cfg.model
+    how = ", autodiff matmul backward" if autodiff_matmul else ""
     if m.quantization == "none":
-        return f"bitnet-jax dense twin (attention {m.attention})"
-    return f"bitnet-jax BitNet (matmul {m.matmul}, attention {m.attention})"
+        return f"bitnet-jax dense twin (attention {m.attention}{how})"
+    return f"bitnet-jax BitNet (matmul {m.matmul}, attention {m.attention}{how})"
+
+
+def use_autodiff_matmul() -> None:
+    """Swaps ``model.compute_dtype_matmul`` for the plain expression it replaced, whose autodiff
+    backward multiplies the float32-widened cotangent (for ``--autodiff-matmul``)."""
+    import jax.numpy as jnp
+
+    from bitnet_jax import model
+
+    model.compute_dtype_matmul = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def jax_contestants(cfg, args) -> list:
@@ -467,13 +481,19 @@ RATIOS = {  # key: (what, numerator's tags, denominator's tags); the best row of
     "int8_vs_dense": ("bitnet-jax BitNet matmul int8 / bitnet-jax dense twin",
                       {"framework": "bitnet-jax", "model": "bitnet", "matmul": "int8"},
                       {"framework": "bitnet-jax", "model": "dense"}),
+    "compute_dtype_matmul_gain": ("bitnet-jax BitNet matmul float / the same with autodiff's matmul backward",
+                                  {"framework": "bitnet-jax", "model": "bitnet", "matmul": "float"},
+                                  {"framework": "bitnet-jax", "model": "bitnet", "matmul": "float",
+                                   "matmul_backward": "autodiff"}),
 }
 
 
 def ratios(rows: list[Result]) -> dict[str, float]:
-    """tokens/s ratios of ``RATIOS`` whose both sides were measured."""
+    """tokens/s ratios of ``RATIOS`` whose both sides were measured. Rows of the old autodiff matmul
+    backward (``--autodiff-matmul``) count only where a ratio asks for them."""
     def best(want: dict) -> Result | None:
-        matching = [r for r in rows if all(r.tags.get(k, False) == v for k, v in want.items())]
+        matching = [r for r in rows if all(r.tags.get(k, False) == v for k, v in want.items())
+                    and (r.tags.get("matmul_backward") != "autodiff" or "matmul_backward" in want)]
         return max(matching, key=lambda r: r.tokens_per_s) if matching else None
 
     out = {}
@@ -514,10 +534,13 @@ def _jax_runners(cfg, args, batches, failures: list[str]) -> list[Runner]:
         failures.append(f"bitnet-jax: {e}")
         print(f"  FAILED {failures[-1]}", flush=True)
         return out
+    if args.autodiff_matmul:
+        use_autodiff_matmul()
     for c in configs:
-        name = contestant_name(c)
+        name = contestant_name(c, args.autodiff_matmul)
         try:
             out.append(jax_runner(c, batches, args.warmup, name, alone=len(configs) == 1))
+            out[-1].info["tags"]["matmul_backward"] = "autodiff" if args.autodiff_matmul else "compute dtype"
         except Stopped:
             failures.append(f"{name}: stopped by SIGTERM while compiling or warming up")
             break

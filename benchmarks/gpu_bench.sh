@@ -6,8 +6,10 @@
 #   2. transformers BitNetForCausalLM in PyTorch, eager  (bf16 autocast, fused AdamW, same batch)
 #   3. bitnet-jax BitNet, matmul int8                     (+ the compiled HLO's verdict on its int8 products)
 #   4. bitnet-jax dense twin (model.quantization none)
-#   5. bitnet-jax BitNet, matmul float, XLA attention
-#   6. transformers BitNetForCausalLM under torch.compile
+#   5. row 1 with autodiff's backward for the linear products (float32 x bf16), as before
+#      model.compute_dtype_matmul: what that change gained (unmeasured on a GPU before this script)
+#   6. bitnet-jax BitNet, matmul float, XLA attention
+#   7. transformers BitNetForCausalLM under torch.compile
 # then benchmarks/gpu_report.py prints one table (tokens/s, step time, MFU, peak memory), the ratios
 # (ours / transformers eager and compiled, BitNet / dense twin, int8 / dense twin), the dry run's
 # memory estimate beside the measured peak (jax memory_stats peak_bytes_in_use) and XLA's buffer
@@ -19,13 +21,13 @@
 #
 # Environment knobs (defaults in brackets): CONFIG [configs/bitnet_95m.yaml], SETS [""] extra
 # "--set k=v" arguments for every row, STEPS [20] timed steps, WARMUP [3], TOTAL_STEPS [60000],
-# BEST_ATTENTION [cudnn on a GPU, else xla]: the attention of rows 1, 3 and 4, PROFILE [1],
-# HF [1]: rows 2 and 6, TORCH_COMPILE [1 on a GPU, else 0]: row 6, ROW_TIMEOUT [150] seconds per
+# BEST_ATTENTION [cudnn on a GPU, else xla]: the attention of rows 1, 3, 4 and 5, PROFILE [1],
+# HF [1]: rows 2 and 7, TORCH_COMPILE [1 on a GPU, else 0]: row 7, ROW_TIMEOUT [150] seconds per
 # row, BUDGET [360] seconds: no row starts after that, RESULTS_DIR [benchmarks/results],
 # PYTHON [.venv/bin/python if present, else python3]. XLA's persistent compilation cache
 # (JAX_COMPILATION_CACHE_DIR [/tmp/bitnet_jax_xla_cache]) makes a rerun on the same machine skip
 # most compilation. The rows need only jax, flax, optax, numpy and PyYAML (plus torch and
-# transformers for rows 2 and 6): no tokenizer, datasets or tensorboardX.
+# transformers for rows 2 and 7): no tokenizer, datasets or tensorboardX.
 #
 # Wheels for the full train loop on the GPU image (benchmarks/gpu_train.sh; not needed here), made
 # on a machine with PyPI access, in the repository root (/.whl/ is git-ignored; never commit them):
@@ -121,6 +123,7 @@ row bitnet-float-$BEST_ATTENTION --set model.attention="$BEST_ATTENTION" "${prof
 if [ "${HF:-1}" = 1 ]; then row transformers-eager --hf-only --hf-mode eager; fi
 row bitnet-int8-$BEST_ATTENTION --set model.attention="$BEST_ATTENTION" --set model.matmul=int8 "${hlo_args[@]}"
 row dense-$BEST_ATTENTION --set model.attention="$BEST_ATTENTION" --set model.quantization=none
+row bitnet-float-$BEST_ATTENTION-autodiff-matmul --set model.attention="$BEST_ATTENTION" --autodiff-matmul
 if [ "$BEST_ATTENTION" != xla ]; then row bitnet-float-xla --set model.attention=xla; fi
 if [ "${HF:-1}" = 1 ] && [ "$TORCH_COMPILE" = 1 ]; then row transformers-compile --hf-only --hf-mode compile; fi
 

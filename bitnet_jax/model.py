@@ -48,6 +48,34 @@ class RMSNorm(nnx.Module):
         return (x32 * self.weight[...]).astype(self.dtype)
 
 
+@jax.custom_vjp
+def compute_dtype_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x [..., I] @ w [I, O]`` with float32 accumulation, rounded to ``x``'s dtype; ``w`` has that
+    dtype too. Same values and gradients as autodiff of that expression, whose backward multiplies
+    the float32-widened cotangent by the operands: in bf16 compute that is a float32 x bf16 product,
+    which XLA runs as a float32 matmul on widened copies. Here the cotangent (already in the compute
+    dtype: the output is) stays in it, so both backward products multiply compute-dtype operands with
+    float32 accumulation; widening a bf16 value to float32 is exact, so only the summation order can
+    differ. In float32 compute the operations are autodiff's."""
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _matmul_fwd(x, w):
+    return compute_dtype_matmul(x, w), (x, w)
+
+
+def _matmul_bwd(residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    batch = tuple(range(x.ndim - 1))
+    dx = jax.lax.dot_general(g, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(x, g, ((batch, batch), ((), ())), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+compute_dtype_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def float_product(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """The BitLinear product as transformers computes it (``model.matmul: float``): the quantized
     values ``q / s`` and ``t * gamma`` (float32, straight-through) cast to the compute dtype and
@@ -57,7 +85,7 @@ def float_product(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     with jax.named_scope("weight_quant"):
         wq = quantize_weight_ste(w).astype(dtype)
     with jax.named_scope("bitlinear_matmul"):
-        return jnp.dot(xq, wq, preferred_element_type=jnp.float32).astype(dtype)
+        return compute_dtype_matmul(xq, wq)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -98,7 +126,7 @@ def dense_product(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """A plain linear (``model.quantization: none``, the dense twin): ``x @ w`` in the compute dtype
     with float32 accumulation."""
     with jax.named_scope("bitlinear_matmul"):  # the same slot in profiles as the BitLinear products
-        return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+        return compute_dtype_matmul(x.astype(dtype), w.astype(dtype))
 
 
 PRODUCTS = {"float": float_product, "int8": int8_product, "dense": dense_product}

@@ -18,7 +18,7 @@ import pytest
 
 from bitnet_jax import compile_options, sharding, train_state
 from bitnet_jax.config import from_dict
-from bitnet_jax.model import _attention_xla, tied_head
+from bitnet_jax.model import _attention_xla, compute_dtype_matmul, tied_head
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"model": {"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -54,6 +54,39 @@ def test_tied_head_value_and_gradients_equal_autodiff(dtype):
     dots = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
     assert len(dots) == 3
     assert all(v.aval.dtype == dtype for e in dots for v in e.invars)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_linear_matmul_value_and_gradients_equal_autodiff_with_compute_dtype_operands(dtype):
+    """compute_dtype_matmul (every BitLinear and dense-twin product) gives autodiff's values and
+    gradients: widening bf16 to float32 is exact and both accumulate in float32, so only summation
+    order may differ. Its backward multiplies compute-dtype operands, autodiff's float32 x bf16."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 8, 16)), dtype)
+    w = jnp.asarray(0.1 * rng.standard_normal((16, 24)), dtype)
+    g = jnp.asarray(rng.standard_normal((2, 8, 24)), jnp.float32)
+
+    def ours(x, w):
+        return jnp.sum(compute_dtype_matmul(x, w).astype(jnp.float32) * g)
+
+    def plain(x, w):
+        return jnp.sum(jnp.dot(x, w, preferred_element_type=jnp.float32).astype(dtype).astype(jnp.float32) * g)
+
+    (v1, (dx1, dw1)), (v2, (dx2, dw2)) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, w) for f in (ours, plain))
+    assert float(v1) == float(v2)  # the same forward expression
+    tol = 1e-6 if dtype == jnp.float32 else 2 ** -8  # summation order, then one rounding to the dtype
+    for a, b in ((dx1, dx2), (dw1, dw2)):
+        assert a.dtype == b.dtype == dtype
+        b = np.asarray(b, np.float32)
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0, atol=tol * np.abs(b).max())
+    dots = [e for e in _all_eqns(jax.make_jaxpr(jax.grad(ours, argnums=(0, 1)))(x, w).jaxpr)
+            if e.primitive.name == "dot_general"]
+    assert len(dots) == 3  # the forward product and the backward's two
+    assert all(v.aval.dtype == dtype for e in dots for v in e.invars)
+    plain_dots = [e for e in _all_eqns(jax.make_jaxpr(jax.grad(plain, argnums=(0, 1)))(x, w).jaxpr)
+                  if e.primitive.name == "dot_general"]
+    mixed = any(len({v.aval.dtype for v in e.invars}) > 1 for e in plain_dots)  # float32 x bf16
+    assert mixed == (dtype == jnp.bfloat16)
 
 
 def _all_eqns(jaxpr):
@@ -166,10 +199,13 @@ def test_ratios_pair_the_best_row_of_each_side_and_the_breakdown_keeps_every_mil
             row("int8", 120.0, framework="bitnet-jax", model="bitnet", matmul="int8"),
             row("dense", 160.0, framework="bitnet-jax", model="dense", matmul="float"),
             row("eager", 50.0, framework="transformers", model="bitnet", torch_compile=False),
-            row("compiled", 75.0, framework="transformers", model="bitnet", torch_compile=True)]
+            row("compiled", 75.0, framework="transformers", model="bitnet", torch_compile=True),
+            row("float cudnn before", 200.0, framework="bitnet-jax", model="bitnet", matmul="float",
+                matmul_backward="autodiff")]
     assert bench.ratios(rows) == {"bitnet_vs_transformers_eager": 150.0 / 50.0,
                                   "bitnet_vs_transformers_compile": 150.0 / 75.0,
-                                  "bitnet_vs_dense": 150.0 / 160.0, "int8_vs_dense": 120.0 / 160.0}
+                                  "bitnet_vs_dense": 150.0 / 160.0, "int8_vs_dense": 120.0 / 160.0,
+                                  "compute_dtype_matmul_gain": 150.0 / 200.0}  # "before" rows only there
     assert bench.ratios(rows[:1]) == {}
     cats = {"bitlinear_matmul (fwd)": 3.0, "lm_head (bwd)": 2.0, "act_quant (fwd)": 1.5, "rope (bwd)": 0.25,
             "optimizer": 0.5, "other (fwd)": 0.125}
@@ -207,7 +243,11 @@ def test_gpu_bench_script_runs_every_row_and_writes_the_results_file_on_cpu(tmp_
     assert abs(int8_row["first_loss"] - float_row["first_loss"]) < 1e-5 * float_row["first_loss"]
     assert float_row["estimate_mem_gib"] > 0 and float_row["xla_mem_gib"] > 0
     assert kept["ratios"]["int8_vs_dense"] == int8_row["tokens_per_sec"] / dense_row["tokens_per_sec"]
-    assert set(kept["ratios"]) == {"bitnet_vs_transformers_eager", "bitnet_vs_dense", "int8_vs_dense"}
+    assert set(kept["ratios"]) == {"bitnet_vs_transformers_eager", "bitnet_vs_dense", "int8_vs_dense",
+                                   "compute_dtype_matmul_gain"}
+    before = rows["bitnet-jax BitNet (matmul float, attention xla, autodiff matmul backward)"]
+    assert kept["ratios"]["compute_dtype_matmul_gain"] == float_row["tokens_per_sec"] / before["tokens_per_sec"]
+    assert abs(before["first_loss"] - float_row["first_loss"]) < 1e-6 * float_row["first_loss"]  # same forward
     assert set(kept["breakdown_ms"]) == {"matmuls", "attention", "quantizers", "norms", "loss", "optimizer", "other"}
     assert kept["breakdown_ms"]["matmuls"] > 0 and kept["profiled"] == float_row["name"]
     assert "BitLinear forward products" in kept["int8_dot"] == int8_row["int8_dot"]
