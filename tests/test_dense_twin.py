@@ -24,14 +24,13 @@ MODEL = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_
 
 
 def _model_with_norms(cfg: ModelConfig, seed: int = 3) -> tuple[BitNetLM, nnx.State]:
-    """Non-trivial norm weights, so a swapped or missing norm shows in the logits."""
+    """Norm weights around 1 rather than exactly 1, so a swapped or missing norm shows in the logits."""
     model = BitNetLM(cfg, rngs=nnx.Rngs(seed))
     _, params = nnx.split(model, nnx.Param)
-    key = jax.random.PRNGKey(seed + 100)
-    for _, var in nnx.to_flat_state(params):
-        if var[...].ndim == 1:
-            key, sub = jax.random.split(key)
-            var[...] = 1.0 + 0.3 * jax.random.normal(sub, var[...].shape)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 100), len(leaves))
+    params = jax.tree.unflatten(treedef, [p if p.ndim > 1 else 1.0 + 0.3 * jax.random.normal(k, p.shape)
+                                          for p, k in zip(leaves, keys)])
     nnx.update(model, params)
     return model, params
 
