@@ -386,8 +386,9 @@ _DERIVED_LINES = ("XLA Modules", "XLA Ops", "Steps", "Launch Stats", "TensorFlow
 
 
 def _timed_events(data, names: dict[str, str]):
-    """``(hlo op, duration_ns)`` of every kernel (device planes: the stream lines' events, named by
-    their ``hlo_op`` stat) or, with no device plane (CPU), of every host-thread event of an HLO op."""
+    """``(hlo op, op_name, duration_ns)`` of every kernel (device planes: the stream lines' events,
+    named by their ``hlo_op`` and ``tf_op`` stats) or, with no device plane (CPU), of every
+    host-thread event of an HLO op."""
     devices = [p for p in data.planes if p.name.startswith("/device:")]
     for plane in devices or data.planes:
         for line in plane.lines:
@@ -395,9 +396,9 @@ def _timed_events(data, names: dict[str, str]):
                 continue
             for ev in line.events:
                 stats = dict(ev.stats) if devices else {}
-                op = stats.get("hlo_op") or ev.name
+                op = str(stats.get("hlo_op") or ev.name)
                 if devices or op in names:
-                    yield str(op), ev.duration_ns
+                    yield op, names.get(op) or str(stats.get("tf_op", "")), ev.duration_ns
 
 
 def profile(compiled, state, batches, steps: int = 5, top: int = 15) -> tuple[dict, list]:
@@ -412,13 +413,14 @@ def profile(compiled, state, batches, steps: int = 5, top: int = 15) -> tuple[di
                 state, m = compiled(state, batches[i % len(batches)])
                 jax.block_until_ready((state, m))
         data = jax.profiler.ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
-    per_op = collections.Counter()
-    for op, ns in _timed_events(data, names):
+    per_op, op_names = collections.Counter(), {}
+    for op, op_name, ns in _timed_events(data, names):
         per_op[op] += ns / 1e6 / steps
+        op_names[op] = op_name
     cats = collections.Counter()
     for op, ms in per_op.items():
-        cats[_category(names.get(op, ""))] += ms
-    ops = [(op, ms, names.get(op, "?")) for op, ms in per_op.most_common(top)]
+        cats[_category(op_names[op])] += ms
+    ops = [(op, ms, op_names[op] or "?") for op, ms in per_op.most_common(top)]
     return dict(cats.most_common()), ops
 
 

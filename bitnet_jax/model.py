@@ -93,8 +93,9 @@ def int8_product(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """The BitLinear product on the integer codes (``model.matmul: int8``): int8 activations ``q``
     times int8 ternary weights ``t``, summed exactly in int32, then one rescale by ``gamma / s``.
     The same function as ``float_product`` without the rounding of its products and sums (so equal
-    to it within float rounding); on GPUs it can run on int8 tensor cores. The backward pass is
-    ``float_product``'s, operation for operation (straight-through, in the compute dtype)."""
+    to it within float rounding, up to the rare later quantizer that this rounding tips over a code
+    boundary); on GPUs it can run on int8 tensor cores. The backward pass is ``float_product``'s
+    own (straight-through, in the compute dtype)."""
     with jax.named_scope("act_quant"):
         q, s = activation_codes(x)
         q_int8 = q.astype(jnp.int8)

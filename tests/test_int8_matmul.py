@@ -107,30 +107,49 @@ def test_int8_backward_is_the_float_paths(dtype):
     np.testing.assert_allclose(np.asarray(dw_i), dw_f, rtol=0, atol=1e-6 * np.abs(dw_f).max())
 
 
-def _losses(cfg, steps: int, state=None) -> tuple[list[float], object]:
+def _losses(cfg, steps: int, state=None, nudge_seed: int | None = None) -> tuple[list[float], object]:
+    """Losses of ``steps`` train steps from a fresh (or the given) state over four fixed batches.
+    ``nudge_seed``: after every update, move each weight one ulp up or down at random."""
     mesh = sharding.make_mesh(cfg.mesh)
     graphdef, fresh = train_state.init_state(cfg)
     state, shardings = train_state.place_state(state or fresh, mesh)
     step = train_state.make_train_step(cfg, graphdef, mesh, shardings)
     batches = np.random.default_rng(2).integers(0, cfg.model.vocab_size, (4, 4, 33)).astype(np.int32)
+    rng = None if nudge_seed is None else np.random.default_rng(nudge_seed)
     out = []
     for i in range(steps):
         state, m = step(state, sharding.global_batch(batches[i % len(batches)], mesh))
         out.append(float(m["loss"]))
+        if rng is not None:
+            host = jax.device_get(state)
+            up = lambda p: np.nextafter(p, np.where(rng.random(p.shape) < 0.5, -np.inf, np.inf).astype(p.dtype))
+            state = jax.device_put(host.replace(params=jax.tree.map(up, host.params)), shardings)
     return out, state
 
 
 def test_twenty_int8_training_steps_follow_the_float_path():
-    """The same updates up to float rounding: the int8 forward differs from the float one by about
-    1e-7 relative and by the rare rounding flips that causes (a few tokens of the batch); training
-    carries that on but does not grow it to 1e-3 of the loss in 20 steps."""
+    """Step by step from the same state, the int8 loss is the float path's to float rounding and a
+    few rounding flips (each moves one token's loss by up to ~1e-2, so the mean of 128 by ~1e-4).
+    Run freely, both trajectories carry their tiny difference on, and BitNet's rounding plus Adam
+    amplify it, as they amplify any: the float path whose weights get a one-ulp nudge after every
+    update moves as far (3e-3 to 1e-2 relative by step 20 here, above the 1e-3 issue 12 asked for).
+    The int8 path must stay within twice that chaos floor, measured in the same test."""
     float_cfg = from_dict(SMALL)
     int8_cfg = from_dict({**SMALL, "model": {**SMALL["model"], "matmul": "int8"}})
-    ref, _ = _losses(float_cfg, 20)
+    ref, ref_state = _losses(float_cfg, 20)
     got, _ = _losses(int8_cfg, 20)
     assert ref[-1] < 0.8 * ref[0]  # it learns
-    np.testing.assert_allclose(got, ref, rtol=1e-3)
     assert got != ref  # a different product, not the float path again
+    ref = np.array(ref)
+    # From one state (the float run's last), one step each: the same forward pass up to rounding.
+    host = jax.device_get(ref_state)
+    same_state = [_losses(c, 1, jax.tree.map(jnp.asarray, host))[0][0] for c in (float_cfg, int8_cfg)]
+    assert abs(same_state[1] - same_state[0]) < 1e-4 * same_state[0]
+    chaos = np.array([_losses(float_cfg, 20, nudge_seed=seed)[0] for seed in (100, 101)])
+    chaos_rel = np.abs(chaos - ref) / ref
+    rel = np.abs(np.array(got) - ref) / ref
+    assert chaos_rel.max() > 0  # the nudges did move the trajectory: the floor is real
+    assert rel.max() < 2 * chaos_rel.max(), (rel, chaos_rel.max(axis=0))
 
 
 def test_the_hlo_multiplies_s8_codes_into_s32():
@@ -188,7 +207,8 @@ def test_int8_needs_the_bitnet_quantization():
 @pytest.mark.parametrize("saved,resumed", [("float", "int8"), ("int8", "float")])
 def test_a_checkpoint_of_one_matmul_setting_resumes_under_the_other(tmp_path, capsys, saved, resumed):
     """model.matmul is a compute choice (like model.attention): --resume with the other value restores
-    the same state, says it is not bit for bit, and the next step's loss follows the saved setting's."""
+    the same state, says it is not bit for bit, and the next step's loss is the saved setting's up to
+    rounding and a few flips (the same-state bound of the test above)."""
     cfg = from_dict({**SMALL, "model": {**SMALL["model"], "matmul": saved}})
     _, state = _losses(cfg, 3)
     mngr = ck.CheckpointManager(tmp_path, cfg)
@@ -205,4 +225,4 @@ def test_a_checkpoint_of_one_matmul_setting_resumes_under_the_other(tmp_path, ca
                                                      jax.tree.leaves(host_state)))
     there, _ = _losses(cfg2, 1, restored)
     here, _ = _losses(cfg, 1, jax.tree.map(jnp.asarray, host_state))
-    np.testing.assert_allclose(there, here, rtol=1e-3)  # the bound of the 20-step test above
+    np.testing.assert_allclose(there, here, rtol=1e-4)
