@@ -51,7 +51,8 @@ def estimate_bytes(cfg: Config, backend: str | None = None) -> dict[str, float]:
     """Bytes of device memory for training ``cfg`` on ``backend`` (default: JAX's; it decides what
     ``model.attention: auto`` runs as). Keys: ``state`` (float32 params, gradients and two Adam
     moments, 16 B per parameter, plus a float32 gradient accumulator with ``train.grad_accum`` > 1),
-    ``weights`` (the compute-dtype copies of the projection weights the backward multiplies by),
+    ``weights`` (the projections' quantized compute-dtype copies, which the backward multiplies by,
+    and their int8 codes with ``matmul: int8``; the embedding's compute-dtype copy),
     ``activations`` (all layers, one micro-batch), ``attention`` (the part of ``activations`` that
     the attention keeps), ``logits`` (float32 logits, their gradient and its compute-dtype copy), and
     ``total``."""
