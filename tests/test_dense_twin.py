@@ -4,8 +4,6 @@ no BitNet export takes it."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,7 +54,7 @@ def test_dense_twin_logits_equal_transformers_bitnet_without_quantization(act):
     assert np.abs(ours - theirs).max() < 1e-5 * scale
 
     # Same parameters, BitNet quantization on: a different model (so the twin really is unquantized).
-    bitnet = BitNetLM(dataclasses.replace(cfg, quantization="bitnet"), rngs=nnx.Rngs(0))
+    bitnet = BitNetLM(cfg.model_copy(update={"quantization": "bitnet"}), rngs=nnx.Rngs(0))
     nnx.update(bitnet, params)
     assert np.abs(np.asarray(bitnet(jnp.asarray(tokens))) - ours).max() > 0.01 * scale
 

@@ -4,7 +4,6 @@ checkpoints of either setting restore under the other."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -73,7 +72,7 @@ def test_int8_logits_equal_the_float32_path(act, kv_heads, monkeypatch):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (4, 24)), jnp.int32)
     cfg = ModelConfig(**{**MODEL, "hidden_act": act, "num_key_value_heads": kv_heads})
     ours, codes = _logits_and_codes(cfg, tokens, monkeypatch)
-    int8, codes8 = _logits_and_codes(dataclasses.replace(cfg, matmul="int8"), tokens, monkeypatch)
+    int8, codes8 = _logits_and_codes(cfg.model_copy(update={"matmul": "int8"}), tokens, monkeypatch)
     assert len(codes) == len(codes8) == 7 * cfg.num_hidden_layers
     flipped_BxT = np.any([np.any(a != b, axis=-1) for a, b in zip(codes, codes8)], axis=0)
     first_flip = np.where(flipped_BxT.any(-1), flipped_BxT.argmax(-1), tokens.shape[1])
@@ -160,7 +159,7 @@ def test_the_hlo_multiplies_s8_codes_into_s32():
     cfg = ModelConfig(**MODEL)
     projections = 7 * cfg.num_hidden_layers
     for matmul in ("int8", "float"):
-        forward, params = _forward(dataclasses.replace(cfg, matmul=matmul))
+        forward, params = _forward(cfg.model_copy(update={"matmul": matmul}))
         lowered = forward.lower(params, tokens)
         for text in (lowered.as_text(dialect="hlo", debug_info=True), lowered.compile().as_text()):
             products = [m for m in int8_hlo.find_matmuls(text) if m.forward_bitlinear]
