@@ -271,7 +271,7 @@ def test_config_objects_pickle_compare_and_stay_unhashable():
 def test_lenient_reading_of_a_config_yaml_from_another_version():
     import yaml
     data = yaml.safe_load(C.dump(C.load(CONFIGS / "bitnet_95m.yaml")))
-    data["model"]["quantization"] = "bitnet"  # a key of a newer version
+    data["model"]["sparsity"] = 0.5  # a key of a newer version
     data["log"]["prompts"] = ["fine", 7]  # a value this version cannot read
     data["eval"] = "often"  # a section that is no mapping
     del data["checkpoint"]  # an older version without the section
@@ -283,7 +283,7 @@ def test_lenient_reading_of_a_config_yaml_from_another_version():
     assert lenient.unread == {"log.prompts", "eval.every", "eval.batches"}
     assert lenient.config.checkpoint == C.CheckpointConfig() == lenient.get("checkpoint")  # missing: the defaults
     assert lenient.notes == [
-        "model.quantization is not a key of this version; ignored",
+        "model.sparsity is not a key of this version; ignored",
         "eval: expected a section (a mapping of keys such as every, batches), got 'often'; give eval's keys "
         "under it, or leave it out for the defaults; read as the default",
         "log.prompts[1]: expected str, got 7 (int); read as the default"]
