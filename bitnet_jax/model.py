@@ -48,20 +48,27 @@ class RMSNorm(nnx.Module):
         return (x32 * self.weight[...]).astype(self.dtype)
 
 
-@jax.custom_vjp
 def compute_dtype_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x [..., I] @ w [I, O]`` with float32 accumulation, rounded to ``x``'s dtype; ``w`` has that
-    dtype too. Same values and gradients as autodiff of that expression, whose backward multiplies
-    the float32-widened cotangent by the operands: in bf16 compute that is a float32 x bf16 product,
-    which XLA runs as a float32 matmul on widened copies. Here the cotangent (already in the compute
-    dtype: the output is) stays in it, so both backward products multiply compute-dtype operands with
-    float32 accumulation; widening a bf16 value to float32 is exact, so only the summation order can
-    differ. In float32 compute the operations are autodiff's."""
+    dtype too. In float32 compute this is the plain expression and its autodiff, so float32 runs
+    (CPU, the transformers-equal path) are bit for bit what they were. In a narrower compute dtype
+    (bf16) autodiff's backward would multiply the float32-widened cotangent by the bf16 operands, a
+    float32 x bf16 product that XLA runs as a float32 matmul on widened copies; ``_narrow_matmul``
+    keeps the cotangent in the compute dtype instead, so both backward products multiply bf16
+    operands with float32 accumulation. Widening bf16 to float32 is exact, so the gradients equal
+    autodiff's up to summation order."""
+    if jnp.dtype(x.dtype) == jnp.float32:
+        return jnp.dot(x, w, preferred_element_type=jnp.float32)
+    return _narrow_matmul(x, w)
+
+
+@jax.custom_vjp
+def _narrow_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def _matmul_fwd(x, w):
-    return compute_dtype_matmul(x, w), (x, w)
+    return _narrow_matmul(x, w), (x, w)
 
 
 def _matmul_bwd(residuals, g):
@@ -73,7 +80,7 @@ def _matmul_bwd(residuals, g):
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-compute_dtype_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_narrow_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def float_product(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
