@@ -9,7 +9,8 @@ One step directory holds three Orbax items (``ocp.args.Composite``)::
     data/    JsonSave: {"format", "processes": [data-loader state of process 0, 1, ...]}
     meta/    JsonSave: {"format", "step", "tokens_seen", "total_steps", "config" (resolved, as a dict),
              "resumables": {name: state_dict()}, "permanent" (an every-N or mandatory step: kept
-             forever, whatever a resume changes), "saved_at" (unix time)}
+             forever, whatever a resume changes), "saved_at" (unix time), "checksum" (a hash of every
+             array of state/, of data/ and of the rest of meta/: state_checksum.py)}
 
 Saves are asynchronous (the train loop is blocked only to enqueue an on-device copy of the state;
 the device-to-host transfer and the file writes run in background threads) and atomic (see
@@ -19,6 +20,10 @@ the PRNG state there is.
 Every read of a step goes through ``open_step``: it validates the step once (folder structure,
 metadata parsed once, stored shapes checked once against the model) and is the one place where a
 damaged newest step gives way to the next older one (once). Resume, generate and export use it.
+Every restore compares what it read with the step's checksum (``verify``): damage that decodes
+without an error (bytes flipped inside a compressed chunk, an edited data position) raises
+``CheckpointDamaged`` like a missing file. Orbax's noise while reading goes to RUN_DIR/orbax_errors.log
+(orbax_noise.py).
 
 Public API::
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -39,6 +45,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import jax
 
+from bitnet_jax import orbax_noise, state_checksum
 from bitnet_jax.config import Config
 from bitnet_jax.damage import damage_reason, first_line
 from bitnet_jax.distributed import gather_json
@@ -83,6 +90,7 @@ class OpenStep:
         self._cfg: Config | None = None
         self._stored: dict | None = None  # the stored state's array metadata (shapes, dtypes)
         self._fits: tuple | None = None  # shape_key of the model it was last checked against
+        self._noted = False  # the note that the step has no checksum was printed
 
     @property
     def cfg(self) -> Config:
@@ -125,7 +133,8 @@ class OpenStep:
         """``read()``, an Orbax read of this step: damaged files raise ``CheckpointDamaged``; any other
         error is re-raised as it is, with a note that the checkpoint was left in place."""
         try:
-            return read()
+            with orbax_noise.captured(self.run_dir / orbax_noise.LOG_NAME):
+                return read()
         except Exception as e:
             reason = damage_reason(e, self.path)
             if reason is None:
@@ -144,10 +153,13 @@ class OpenStep:
             first = e
         older = self.older()
         if not self.fallback or not older:
-            raise first
-        warnings.warn(f"skipping checkpoint: {first}; trying step {older[-1]}", stacklevel=2)
-        if move_damaged:
-            move_aside(self.run_dir, {self.step: first.reason})
+            raise CheckpointDamaged(first.step_dir, f"{first.reason}; {self._advice(older)}") from None
+        moved = move_aside(self.run_dir, {self.step: first.reason}, warn=False) if move_damaged else {}
+        where = f"moved damaged checkpoint to {moved[self.step]}; " if self.step in moved else ""
+        log = self.run_dir / orbax_noise.LOG_NAME
+        noise = f" (Orbax's messages: {log})" if log.is_file() else ""
+        warnings.warn(f"skipping checkpoint: {first}; {where}trying step {older[-1]}{noise}",
+                      orbax_noise.CheckpointWarning, stacklevel=2)
         previous = OpenStep(self.run_dir, self.scan, older[-1], fallback=False, resuming=self.resuming)
         try:
             return fn(previous)
@@ -165,6 +177,34 @@ class OpenStep:
             f"step in a row, so no older step is tried without your say{'; nothing else was moved' if moved else ''}. "
             f"{advice} (older complete steps: {older[:-1] or 'none'})")) from None
 
+    def _advice(self, older: list[int]) -> str:
+        """What to do about this damaged step when no older one is tried in its place."""
+        if not older:
+            return "no older complete step is left to go on from"
+        if self.resuming:
+            return (f"--resume latest goes on from step {older[-1]} instead (moving this one aside), "
+                    f"or start a new run from an older step: --resume {checkpoints_dir(self.run_dir)}/STEP "
+                    f"--run-id NEW_ID (older complete steps: {older})")
+        return f"name an older step (--step STEP; complete: {older}), or leave it out for the newest readable one"
+
+    def verify(self, state_tree: dict | None = None, data: Any = None) -> None:
+        """Compares what was read of this step (``state_tree``: the arrays as ``state_tree.to_tree``
+        lays them out, all or a part; ``data``: the data item) and its meta item with the checksum
+        stored in the meta item; a difference raises ``CheckpointDamaged``. Steps saved before
+        checksums restore with a note. Several processes: call it on every process (a collective)."""
+        stored = self.meta.get("checksum")
+        if stored is None:
+            if not self._noted:
+                print(f"note: {self.path} was saved before checkpoints carried checksums; it is restored "
+                      "without verifying its contents", file=sys.stderr)
+                self._noted = True
+            return
+        meta = {k: v for k, v in self.meta.items() if k != "checksum"}
+        arrays = None if state_tree is None else state_checksum.fetch(state_checksum.array_hashes(state_tree))
+        problem = state_checksum.mismatch(stored, arrays=arrays, data=data, meta=meta)
+        if problem is not None:
+            raise CheckpointDamaged(self.path, problem)
+
 
 def open_step(run_dir: str | Path, step: int | None = None, *, fallback: bool | None = None,
               resuming: bool = False) -> OpenStep:
@@ -179,7 +219,7 @@ def open_step(run_dir: str | Path, step: int | None = None, *, fallback: bool | 
                     resuming=resuming)
 
 
-def move_aside(run_dir: Path, steps: dict[int, str]) -> None:
+def move_aside(run_dir: Path, steps: dict[int, str], warn: bool = True) -> dict[int, Path]:
     """Moves damaged step directories (step -> problem) out of Orbax's way (the continued run saves
     those steps again) into RUN_DIR/damaged_checkpoints/, keeping them for inspection.
 
@@ -187,8 +227,10 @@ def move_aside(run_dir: Path, steps: dict[int, str]) -> None:
     folders; the others wait at a barrier until it is done, so no two processes race to move the same
     directory and none reads checkpoints/ half-way through. The barrier is unconditional (``steps``
     may be empty): a process that lists checkpoints/ after process 0 has moved a step sees nothing to
-    move, yet must meet it at the same barrier."""
+    move, yet must meet it at the same barrier. Returns step -> where it went (of the steps this
+    process moved); ``warn``: say so in a warning each."""
     several = jax.distributed.is_initialized()  # (asks without starting a backend: dry runs stay light)
+    moved = {}
     try:
         if steps and (not several or jax.process_index() == 0):
             for step, problem in steps.items():
@@ -196,12 +238,16 @@ def move_aside(run_dir: Path, steps: dict[int, str]) -> None:
                 dst = RunPaths(run_dir).damaged / f"{step}.{int(time.time())}"
                 dst.parent.mkdir(exist_ok=True)
                 shutil.move(str(src), str(dst))
-                warnings.warn(f"moved damaged checkpoint {src} ({problem}) to {dst}", stacklevel=2)
+                moved[step] = dst
+                if warn:
+                    warnings.warn(f"moved damaged checkpoint {src} ({problem}) to {dst}",
+                                  orbax_noise.CheckpointWarning, stacklevel=2)
     finally:  # process 0 reaches the barrier even when a move fails (it then raises after it)
         if several:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("bitnet_jax: damaged checkpoints moved aside")
+    return moved
 
 
 # --------------------------------------------------------------------------- the manager
@@ -238,13 +284,13 @@ class CheckpointManager:
         self._multiprocess = jax.process_count() > 1
         self._pool = None  # one worker thread, made on the first asynchronous save
         self._pending = None  # its Future: the Orbax save call of the newest snapshot
+        self._last_read = None  # (OpenStep, state tree, data item) of the last restore
 
     # -- saving
 
     def save(self, step: int, state, *, data_state: dict | None, resumables: dict | None = None) -> None:
         """Starts saving ``state`` (a TrainState on device) as ``step``. ``data_state`` is this process's
         loader state (every process's is stored); ``resumables`` are asked for ``state_dict()`` now."""
-        ocp = _ocp()
         meta = {
             "format": FORMAT,
             "step": int(step),
@@ -262,11 +308,9 @@ class CheckpointManager:
             # A private device copy, dispatched async; the explicit shardings make it valid for arrays
             # spread over several processes too.
             tree = jax.device_put(tree, jax.tree.map(lambda x: x.sharding, tree), may_alias=False)
-        args = ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(tree),
-            DATA: ocp.args.JsonSave(data),
-            META: ocp.args.JsonSave(meta),
-        })
+        # Dispatched now, behind the copy (a collective over a sharded state: every process, in the same
+        # order); the values are fetched by the save call, in the background thread when there is one.
+        hashes = state_checksum.array_hashes(tree)
         # Several processes: Orbax's save call runs cross-process collectives, which must be issued in
         # the same order on every process; from a background thread they would interleave with the
         # train step's collectives differently on each (gloo aborts on the mismatch). So the call stays
@@ -274,10 +318,21 @@ class CheckpointManager:
         if self.cfg.checkpoint.async_save and jax.process_count() == 1:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bitnet-checkpoint")
-            self._pending = self._pool.submit(self._mngr.save, step, args=args, force=True)
+            self._pending = self._pool.submit(self._save_call, step, tree, data, meta, hashes)
         else:
-            self._mngr.save(step, args=args, force=True)
+            self._save_call(step, tree, data, meta, hashes)
         self.last_saved = int(step)
+
+    def _save_call(self, step: int, tree: dict, data: dict, meta: dict, hashes: dict) -> None:
+        """Orbax's save call of one snapshot, its checksum (waited for here) in the meta item."""
+        ocp = _ocp()
+        meta = {**meta, "checksum": state_checksum.record(state_checksum.fetch(hashes), data, meta)}
+        args = ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(tree),
+            DATA: ocp.args.JsonSave(data),
+            META: ocp.args.JsonSave(meta),
+        })
+        self._mngr.save(step, args=args, force=True)
 
     def _finish_pending(self) -> None:
         """Waits for the background Orbax save call (not its file writes); re-raises its error."""
@@ -319,11 +374,20 @@ class CheckpointManager:
 
     # -- restoring
 
-    def restore(self, step: int, like, shardings=None, opened: OpenStep | None = None) -> tuple[Any, list, dict]:
+    def verify_last_restore(self) -> None:
+        """``OpenStep.verify`` of what the last ``restore`` read (several processes: on every process,
+        once every process has read without an error)."""
+        opened, tree, data = self._last_read
+        opened.verify(tree, data)
+
+    def restore(self, step: int, like, shardings=None, opened: OpenStep | None = None,
+                verify: bool = True) -> tuple[Any, list, dict]:
         """Restores ``step`` into the structure, shapes and shardings of ``like`` (a TrainState, real or
         abstract; ``shardings`` a matching tree of shardings). Returns (state, data_states, meta):
         the loader state of every process that saved (in process order), the stored metadata.
-        ``opened``: the step as ``open_step`` validated it (else it is opened here, never replaced)."""
+        ``opened``: the step as ``open_step`` validated it (else it is opened here, never replaced).
+        ``verify``: compare with the stored checksum (``OpenStep.verify``); several processes call it
+        themselves once all have read (``resume._restore_on_every_process``)."""
         ocp = _ocp()
         opened = opened or open_step(self.run_dir, step, fallback=False, resuming=True)
         target = abstract_tree(like, shardings)
@@ -334,6 +398,9 @@ class CheckpointManager:
             DATA: ocp.args.JsonRestore(),
         })))
         data = dict(out[DATA])
+        self._last_read = opened, out[STATE], data
+        if verify:
+            self.verify_last_restore()
         return from_tree(out[STATE], like), list(data.get("processes") or []), opened.meta
 
 
@@ -358,6 +425,7 @@ def read_params(opened: OpenStep):
             partial_restore=True,
         ),
     ))
+    opened.verify({"params": restored["params"]})  # the params' checksums (and the meta item's)
     return cfg, from_tree(restored["params"], like), opened.step
 
 

@@ -26,6 +26,7 @@ from typing import Sequence
 
 from bitnet_jax import config as config_lib
 from bitnet_jax.config import Config, ConfigError
+from bitnet_jax.orbax_noise import CheckpointWarning  # one line on the console (stdlib only)
 
 FORMAT = "bitnet_jax.checkpoint/1"
 STATE, DATA, META = "state", "data", "meta"  # the Composite's item names (= sub-folder names)
@@ -177,7 +178,7 @@ def complete_steps(run_dir: str | Path, warn: bool = False,
         if saved.problem is None:
             out.append(step)
         elif warn:
-            warnings.warn(f"skipping checkpoint {saved.path}: {saved.problem}", stacklevel=2)
+            warnings.warn(f"skipping checkpoint {saved.path}: {saved.problem}", CheckpointWarning, stacklevel=2)
     return out
 
 

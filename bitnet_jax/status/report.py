@@ -248,6 +248,10 @@ def build_status(run: Run, now: float | None = None, stale_after: float | None =
         end = None  # written by an earlier process: the run was started again since
     ckpts, saving = run.checkpoints()
     state = _state(finished, end, step, bool(ckpts), since_update, stale_after)
+    # With no trainer alive on the run (it ended, or has written nothing for a while), a tmp folder is a
+    # save cut off half-way (kill -9, a full disk), not one in progress: the next resume removes it.
+    abandoned = saving if end is not None or state in ("finished", "stale", "not started") else []
+    saving = [s for s in saving if s not in abandoned]
     if state == "finished":
         eta = 0.0
     elif step is not None and total is not None and step_time_ms is not None:
@@ -282,6 +286,7 @@ def build_status(run: Run, now: float | None = None, stale_after: float | None =
         "eta_periodic_seconds": _num(hooks_left_s) if eta is not None and state != "finished" else None,
         "seconds_since_update": _num(since_update),
         "checkpoints_saving": saving,
+        "checkpoints_abandoned": abandoned,
         "end": None if end is None else {"state": end.state, "step": end.step, "reason": end.reason,
                                          "exit_code": end.exit_code, "time": end.time},
         "notes": notes,

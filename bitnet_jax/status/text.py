@@ -115,5 +115,7 @@ def format_text(st: dict[str, Any]) -> str:
     if st.get("checkpoints_saving"):
         ckpt += f" (saving {', '.join(map(str, st['checkpoints_saving']))})"
     lines.append(f"{anomalies}    Checkpoints: {ckpt}")
+    lines += [f"Checkpoint {s}: abandoned (an unfinished save; the next resume removes it)"
+              for s in st.get("checkpoints_abandoned") or []]
     lines += [f"Note: {n}" for n in st.get("notes") or []]
     return "\n".join(lines)
