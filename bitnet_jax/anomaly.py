@@ -4,7 +4,9 @@ Events (the ``<event>`` of the TensorBoard text tag ``anomaly/<event>`` and of t
 ``anomalies/<step>_<event>/``):
 
 - ``nonfinite``: the loss or the gradient norm was NaN/inf. The train step already dropped the
-  update; with ``train.on_nan: halt`` the run also stops (``halt_reason`` is set).
+  update; with ``train.on_nan: halt`` the run also stops (``halt_reason`` is set, naming the first
+  non-finite step), and with ``skip`` it stops once more than ``train.max_skipped`` updates were
+  skipped in all or more than ``train.max_skipped_consecutive`` in a row.
 - ``loss_spike`` / ``grad_norm_spike``: the value is both far above the recent run by robust
   statistics (``log(value)`` more than ``log.spike_zscore`` robust standard deviations, 1.4826 x the
   median absolute deviation, above the median of the previous ``log.spike_window`` accepted values)
@@ -162,6 +164,12 @@ class AnomalyDetector:
         self.write = write
         self.warn = warn  # the console: one warning line per event, naming its dump folder
         self.warmup_steps = cfg.optim.warmup_steps
+        # train.on_nan=skip tolerates this many skipped updates (in all, and in a row), then halts:
+        # a run that skips every update would otherwise finish "successfully" with nothing learned.
+        self.max_skipped = cfg.train.max_skipped
+        self.max_skipped_consecutive = cfg.train.max_skipped_consecutive
+        self.skipped = 0  # updates skipped as non-finite over the whole run (carried across a resume)
+        self.skipped_in_a_row = 0
         self.loss = RollingSpike(log.spike_window, log.spike_zscore, LOSS_MIN_RATIO)
         self.grad_norm = RollingSpike(log.spike_window, log.spike_zscore, GRAD_NORM_MIN_RATIO)
         self.count = 0
@@ -184,9 +192,12 @@ class AnomalyDetector:
                 "the update was skipped (train.on_nan=skip)"
             message = f"loss {loss}, grad_norm {grad_norm}: non-finite; {action}"
             self.report(step, "nonfinite", message, host)
-            if self.on_nan == "halt":
-                self.halt_reason = f"step {step}: {message}"
+            self.skipped += 1
+            self.skipped_in_a_row += 1
+            if self.halt_reason is None:  # the first cause is the one to name (later steps follow from it)
+                self.halt_reason = self._halt_reason(step, message)
             return
+        self.skipped_in_a_row = 0
         for event, series, value in (("loss_spike", self.loss, loss), ("grad_norm_spike", self.grad_norm, grad_norm)):
             if step <= self.warmup_steps:  # warm-up: the series is still settling; history only
                 series.add(value)
@@ -200,6 +211,17 @@ class AnomalyDetector:
                             f"previous {n} steps ({z:.1f} robust standard deviations of log({name}) above it)",
                             host)
         self.last_good_step = step
+
+    def _halt_reason(self, step: int, message: str) -> str | None:
+        """Why the run halts after the non-finite ``step``, or None while it may go on."""
+        if self.on_nan == "halt":
+            return f"step {step}: {message}"
+        counts = f"{self.skipped} updates skipped in all, {self.skipped_in_a_row} in a row up to step {step}"
+        if self.skipped_in_a_row > self.max_skipped_consecutive:
+            return f"train.max_skipped_consecutive={self.max_skipped_consecutive} exceeded: {counts}"
+        if self.skipped > self.max_skipped:
+            return f"train.max_skipped={self.max_skipped} exceeded: {counts}"
+        return None
 
     def check_samples(self, step: int, samples: Sequence[dict[str, Any]]) -> None:
         """``samples``: records with prompt_index, prompt, mode, text, tokens, entropy, repetition."""
@@ -274,7 +296,8 @@ class AnomalyDetector:
             "loss_window": list(self.loss.values), "grad_norm_window": list(self.grad_norm.values),
             "loss_pending": list(self.loss.pending), "grad_norm_pending": list(self.grad_norm.pending),
             "count": self.count, "dumps": sum(self.dumps.values()), "dumps_by_event": dict(self.dumps),
-            "last_good_step": self.last_good_step,
+            "last_good_step": self.last_good_step, "skipped": self.skipped,
+            "skipped_in_a_row": self.skipped_in_a_row,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -289,5 +312,7 @@ class AnomalyDetector:
             # so it counts against every kind but nonfinite (whose dumps are the ones that must not be lost)
             legacy = int(state.get("dumps", 0))
             self.dumps = {event: legacy for event in EVENTS if event != "nonfinite" and legacy}
+        self.skipped = int(state.get("skipped", 0))
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         last = state.get("last_good_step")
         self.last_good_step = None if last is None else int(last)

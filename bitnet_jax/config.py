@@ -37,7 +37,8 @@ class ConfigError(ValueError):
 def _schedule_problem(cfg: Config, given: Iterable[str]) -> str | None:
     """warmup < stage switch <= steps. The message blames the key set this time (``given``) when it
     is the only one set of those that break the rule, else optim.stage_switch (optim.warmup_steps
-    when the switch is implicit: half of train.steps)."""
+    when the switch is implicit: half of train.steps). A warm-up at or past train.steps leaves no
+    place for any switch: then optim.warmup_steps is named (train.steps when only that was set)."""
     w, steps, switch, explicit = cfg.optim.warmup_steps, cfg.train.steps, cfg.stage_switch, cfg.optim.stage_switch
     if w < switch <= steps:
         return None
@@ -46,6 +47,9 @@ def _schedule_problem(cfg: Config, given: Iterable[str]) -> str | None:
         "optim.warmup_steps", "train.steps" if implicit else "optim.stage_switch"}
     set_now = involved.intersection(given)
     culprit = set_now.pop() if len(set_now) == 1 else "optim.warmup_steps" if implicit else "optim.stage_switch"
+    if w >= steps:  # (warmup, steps] is empty: no stage switch fits, so the switch is not what is wrong
+        culprit = "train.steps" if "train.steps" in given and "optim.warmup_steps" not in given else \
+            "optim.warmup_steps"
     if culprit == "optim.stage_switch":
         return f"optim.stage_switch ({switch}) must lie in (optim.warmup_steps, train.steps] = ({w}, {steps}]"
     got = f"optim.warmup_steps < stage switch <= train.steps must hold, got {w} < {switch}{implicit} <= {steps}"

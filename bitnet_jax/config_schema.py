@@ -85,6 +85,12 @@ class TrainConfig(_Section):
     seed: int = _field(0, "pick a smaller non-negative seed", ge=0, le=SEED_MAX)
     grad_accum: int = _field(1, gt=0)  # micro-batches per update (lax.scan); batch_size must divide by it
     on_nan: Literal["skip", "halt"] = "skip"  # non-finite loss/gradients: skip the update or stop
+    # With on_nan skip, the run halts (exit 3, as on_nan halt) once more updates than these were skipped
+    # in all / in a row: a run that skips most updates learns nothing and must not end "finished".
+    max_skipped: int = _field(100, "it is how many skipped updates the run tolerates in all (to stop at the "
+                              "first one, set train.on_nan=halt)", ge=1)
+    max_skipped_consecutive: int = _field(10, "it is how many skipped updates in a row the run tolerates (to stop "
+                                          "at the first one, set train.on_nan=halt)", ge=1)
     # Testing the NaN path: at this step one token id of the batch is made out-of-vocabulary, so the
     # loss is NaN (0: off). See anomaly.poison_if_due.
     debug_poison_step: int = _field(0, means="0: off", ge=0)

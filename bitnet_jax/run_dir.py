@@ -291,6 +291,13 @@ def save_steps_text(cfg: Config) -> str:
 
 # --------------------------------------------------------------------------- choosing a step
 
+def _start_afresh(paths: RunPaths) -> str:
+    """What to do when a run has nothing to resume from: start it again, or resume another one."""
+    config = paths.config if paths.config.is_file() else "configs/<name>.yaml"
+    return (f"start it afresh with python train.py --config {config} --run-id NEW_ID, or name an older run "
+            "to resume (--resume RUN_DIR)")
+
+
 def _no_checkpoint_yet(run_dir: Path) -> str:
     """Why ``run_dir`` has no step to read, and when it will have one (from its config.yaml)."""
     paths = RunPaths(run_dir)
@@ -299,8 +306,8 @@ def _no_checkpoint_yet(run_dir: Path) -> str:
             when = save_steps_text(config_lib.load(paths.config))
         except ConfigError:
             when = "as its config.yaml's checkpoint.every says"
-        return (f"{run_dir} has no checkpoint yet: its run saves one {when}; wait for the first save, "
-                "or give another run")
+        return (f"{run_dir} has no checkpoint yet: its run saves one {when}. If it is still running, wait "
+                f"for the first save; else {_start_afresh(paths)}")
     if not paths.checkpoints.is_dir():
         return (f"{run_dir} holds no complete checkpoint and no {CONFIG_FILE}: it is not a run "
                 "directory made by train.py (runs/<run_id>)")
@@ -318,7 +325,8 @@ def resolve_step(run_dir: str | Path, step: int | None, scan: dict[int, SavedSte
         if not damaged:
             raise CheckpointError(_no_checkpoint_yet(run_dir))
         raise CheckpointError(f"{checkpoints_dir(run_dir)} holds no complete checkpoint (incomplete or "
-                              f"damaged: {damaged}); see the warnings above for why")
+                              f"damaged: {damaged}; see the warnings above for why); "
+                              f"{_start_afresh(RunPaths(run_dir))}")
     if step is None:
         return steps[-1]
     if step not in steps:

@@ -162,7 +162,7 @@ def train(cfg: Config, paths: RunPaths, inputs: RunInputs, resume: resume_lib.Re
     stop = StopRequest().install() if pc == 1 else StopRequest()
     stops = [lambda step: stop.signal_name,
              lambda step: "a preemption notice (SIGTERM to one of the processes)" if ckpt.reached_preemption(step) else None,
-             lambda step: anomalies.halt_reason and "a non-finite step (train.on_nan=halt)"]
+             lambda step: anomalies.halt_reason and "non-finite steps (train.on_nan)"]
     # The loader's thread and tokenizer processes start here, right before the try that closes them.
     loader = build_train_loader(cfg, tokenizer, process_index=pi, process_count=pc,
                                 state=restored.data_state if restored else None, heldout=heldout)
@@ -178,7 +178,7 @@ def train(cfg: Config, paths: RunPaths, inputs: RunInputs, resume: resume_lib.Re
         console.close()
         loader.close()
         tb.close()
-    return {"first": console.first, "final_loss": console.last.get("loss"), "skipped": console.skipped,
+    return {"first": console.first, "final_loss": console.last.get("loss"), "skipped": anomalies.skipped,
             "eval_loss": evals.loss if evals else None, "step": end.step, "total_steps": cfg.train.steps,
             "median_step_ms": fetcher.median_step_ms(), "tokens_per_step": cfg.tokens_per_step,
             "stopped_by": end.stopped_by or ("--stop-at" if end.step == stop_at < cfg.train.steps else None),
@@ -266,8 +266,9 @@ def print_summary(paths: RunPaths, summary: dict) -> None:
         drop = 100.0 * (1 - last / first[1])
         print(f"train loss: {first[1]:.4f} (step {first[0]}) -> {last:.4f} (step {summary['step']}), "
               f"{drop:.1f}% lower")
-    if summary.get("skipped"):
-        print(f"skipped updates: {summary['skipped']} (non-finite loss or gradients; see {paths.root / 'anomalies'})")
+    skipped = summary.get("skipped") or 0  # always said: a run that skipped updates must not look clean
+    print(f"skipped updates: {skipped}" + (f" (non-finite loss or gradients; see {paths.root / 'anomalies'})"
+                                           if skipped else ""))
     if summary.get("eval_loss") is not None:
         print(f"eval loss:  {summary['eval_loss']:.4f} (perplexity {math.exp(summary['eval_loss']):.1f})")
     if summary.get("median_step_ms"):
@@ -277,7 +278,7 @@ def print_summary(paths: RunPaths, summary: dict) -> None:
     print(f"watch it:      {command('tensorboard', '--logdir', paths.tb)}   or   "
           f"{command('python', 'status.py', paths.root)}")
     if summary.get("halted"):
-        print(f"halted (train.on_nan=halt) at {summary['halted']}; nothing after the last good step was "
+        print(f"halted: {summary['halted']}; nothing after the last good step was "
               f"saved; see {paths.root / 'anomalies'}")
     elif summary.get("stopped_by"):
         took = f" in {summary['stop_seconds']:.1f} s" if summary.get("stop_seconds") is not None else ""
@@ -294,7 +295,7 @@ def print_summary(paths: RunPaths, summary: dict) -> None:
 def end_of(summary: dict) -> tuple[str, str, int]:
     """``(state, reason, exit code)`` of a run that returned: what end.json records."""
     if summary.get("halted"):
-        return "halted", f"{summary['halted']} (train.on_nan=halt)", 3
+        return "halted", summary["halted"], 3
     if summary.get("stopped_by"):
         return "stopped", f"stopped by {summary['stopped_by']}", 0
     return "finished", f"train.steps = {summary['total_steps']} reached", 0

@@ -255,3 +255,47 @@ def test_poison_only_at_its_step_and_decode_marks_bad_ids(tokenizer):
     assert poisoned[0, 0] == 4096 and rows[0, 0] != 4096  # a copy: the loader's array is untouched
     ids = tokenizer.encode("hello world")
     assert decode_rows(tokenizer, np.asarray([ids + [9999]])) == ["hello world<bad id 9999>"]
+
+
+def nonfinite(step):
+    return {**healthy(step, float("nan")), "skipped": 1.0}
+
+
+def test_halt_mode_names_the_first_nonfinite_step_not_the_last(tmp_path, tokenizer):
+    det, tb = make_detector(tmp_path, tokenizer, "train.on_nan=halt")
+    det.on_step_metrics(1, healthy(1, 3.0))
+    det.on_step_metrics(2, nonfinite(2))
+    det.on_step_metrics(3, nonfinite(3))  # fetched before the stop check: must not replace step 2
+    tb.close()
+    assert det.halt_reason.startswith("step 2: ") and det.skipped == 2
+
+
+def test_skip_mode_halts_past_max_skipped_consecutive(tmp_path, tokenizer):
+    det, tb = make_detector(tmp_path, tokenizer, "train.max_skipped_consecutive=3")
+    for step in range(1, 5):
+        det.on_step_metrics(step, nonfinite(step))
+        assert (det.halt_reason is None) == (step <= 3), step  # 3 in a row tolerated, the 4th is one too many
+    tb.close()
+    assert det.halt_reason == ("train.max_skipped_consecutive=3 exceeded: 4 updates skipped in all, 4 in a row up "
+                               "to step 4")
+
+
+def test_skip_mode_halts_past_max_skipped_in_all_and_the_count_survives_a_resume(tmp_path, tokenizer):
+    det, tb = make_detector(tmp_path, tokenizer, "train.max_skipped=3")
+    for step in range(1, 6):  # every other step skipped: never two in a row
+        det.on_step_metrics(step, nonfinite(step) if step % 2 else healthy(step, 3.0))
+    assert det.halt_reason is None and det.skipped == 3 and det.skipped_in_a_row == 1
+    resumed, _ = make_detector(tmp_path / "resumed", tokenizer, "train.max_skipped=3")
+    resumed.load_state_dict(json.loads(json.dumps(det.state_dict())))
+    resumed.on_step_metrics(6, healthy(6, 3.0))
+    resumed.on_step_metrics(7, nonfinite(7))
+    tb.close()
+    assert resumed.halt_reason == "train.max_skipped=3 exceeded: 4 updates skipped in all, 1 in a row up to step 7"
+
+
+@pytest.mark.parametrize("key", ["train.max_skipped", "train.max_skipped_consecutive"])
+def test_skip_limits_are_validated(key):
+    with pytest.raises(config_lib.ConfigError, match=rf"^{key} must be >= 1, got 0; it is how many .*set train\.on_nan=halt\)$"):
+        config_lib.from_dict(config_lib.apply_overrides({}, [f"{key}=0"]))
+    assert config_lib.from_dict({}).train.max_skipped == 100
+    assert config_lib.from_dict({}).train.max_skipped_consecutive == 10

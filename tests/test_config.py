@@ -234,7 +234,9 @@ def test_derived_values_are_stored_resolved_and_never_derived_again():
     ("stored", ["optim.warmup_steps=30000"], r"^optim\.warmup_steps \(30000\) must end before"),
     ("stored", ["optim.stage_switch=70000"], r"^optim\.stage_switch \(70000\) must lie in \(optim\.warmup_steps, "
                                              r"train\.steps\] = \(375, 60000\]"),
-    ("stored", ["train.steps=100", "optim.stage_switch=200"], r"^optim\.stage_switch \(200\) must lie in"),
+    ("stored", ["train.steps=1000", "optim.stage_switch=2000"], r"^optim\.stage_switch \(2000\) must lie in"),
+    # the warm-up (375) outlasts 100 steps: no switch could fit, so train.steps is at fault, not the switch
+    ("stored", ["train.steps=100", "optim.stage_switch=200"], r"^train\.steps \(100\) is too short"),
 ])
 def test_schedule_error_names_the_key_that_was_set(base, overrides, message):
     """warmup < switch <= steps broken by --set: the message names the key the user changed."""
@@ -299,7 +301,8 @@ def test_lenient_reading_keeps_values_that_break_a_rule_and_an_unreadable_total_
     data["optim"]["stage_switch"] = None  # half of train.steps, which is unknown
     assert C.load_lenient(data).get("stage_switch") is None and C.load_lenient(data).get("optim.stage_switch") is None
     assert lenient.notes == ["train.steps: expected int, got 'sixty thousand' (str); read as the default",
-                             "optim.stage_switch (400) must lie in (optim.warmup_steps, train.steps] = (500, 300]; "
+                             "optim.warmup_steps (500) must end before the stage switch: optim.warmup_steps < stage "
+                             "switch <= train.steps must hold, got 500 < 400 <= 300; lower optim.warmup_steps; "
                              "read as written"]
 
 
@@ -311,3 +314,16 @@ def test_lenient_reading_imports_no_jax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=CONFIGS.parent)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_warmup_at_or_past_train_steps_is_blamed_not_the_stage_switch():
+    # no stage switch fits in (warmup, steps] = (30, 20]: the switch is not what is wrong
+    with pytest.raises(C.ConfigError, match=r"^optim\.warmup_steps \(30\) must end before the stage switch.*"
+                                            r"lower optim\.warmup_steps$"):
+        C.from_dict({"train": {"steps": 20}, "optim": {"stage_switch": 10}})
+    with pytest.raises(C.ConfigError, match=r"^optim\.warmup_steps \(375\) must end"):
+        C.load(CONFIGS / "bitnet_95m.yaml", ["train.steps=100", "optim.stage_switch=50", "optim.warmup_steps=375"])
+    # only train.steps set this time (a resume shortening the run): train.steps is named
+    stored = C.from_dict({"train": {"steps": 100}, "optim": {"warmup_steps": 30, "stage_switch": 50}})
+    with pytest.raises(C.ConfigError, match=r"^train\.steps \(20\) is too short for the schedule"):
+        C.with_overrides(stored.to_dict(), ["train.steps=20"])

@@ -103,12 +103,14 @@ def test_a_run_without_a_checkpoint_yet_says_which_steps_will_have_one(tmp_path)
         rd.resolve_step(run, None)
     message = str(info.value)
     assert message == (f"{run} has no checkpoint yet: its run saves one every 5 steps (5, 10, ...), at the stage "
-                       "switch (9 and 10) and at the end (20); wait for the first save, or give another run")
+                       "switch (9 and 10) and at the end (20). If it is still running, wait for the first save; "
+                       f"else start it afresh with python train.py --config {run / rd.CONFIG_FILE} --run-id NEW_ID, "
+                       "or name an older run to resume (--resume RUN_DIR)")
     assert "give a run directory made by train.py" not in message
     # checkpoint.every=0 and an explicit stage switch
     rerun = started_run(tmp_path / "b", checkpoint={"every": 0}, optim={"stage_switch": 15, "warmup_steps": 2})
     with pytest.raises(rd.CheckpointError, match=r"saves one at the stage switch \(14 and 15\) and at the end "
-                                                 r"\(20\);"):
+                                                 r"\(20\)\."):
         rd.resolve_step(rerun, 3)
 
 

@@ -59,17 +59,22 @@ def heldout_set(cfg: Config, tok, spec: SourceSpec) -> HeldOut:
     def enough() -> bool:
         return len(digests) == wanted if wanted is not None else have >= need
 
-    for texts in bounded_batches((text for text, _ in DocumentStream(spec, repeat=False)), chunk):
+    docs = (text for text, _ in DocumentStream(spec, repeat=False))
+    more = True  # whether a document follows the held-out ones (else nothing is left to train on)
+    for texts in bounded_batches(docs, chunk):
         if wanted == 0 or (wanted is None and need == 0):
             break  # the first document was read: the source works
-        for text, ids in zip(texts, tok.encode_documents(texts)):
+        for i, (text, ids) in enumerate(zip(texts, tok.encode_documents(texts))):
             digests.append(text_digest(text))
             arrays.append(ids)
             have += ids.shape[0]
             if enough():
+                more = i < len(texts) - 1 or next(docs, None) is not None
                 break
         if enough():
-            break  # read no further than the held-out documents
+            break  # read no further than the held-out documents (and one more)
+    else:
+        more = False
     if wanted is not None and len(digests) < wanted:
         raise DataError(f"data.eval_documents={wanted} but the dataset has only {len(digests)} documents, "
                         "leaving nothing to train on; lower data.eval_documents")
@@ -80,6 +85,12 @@ def heldout_set(cfg: Config, tok, spec: SourceSpec) -> HeldOut:
             f"the held-out documents ({len(digests)}) hold {have} tokens but evaluation needs {need} "
             f"(eval.batches {cfg.eval.batches} x train.batch_size {cfg.train.batch_size} x train.seq_len "
             f"{cfg.train.seq_len} + 1); lower eval.batches, or {hint}")
+    if not more:  # the held-out set took every document: name the key that sets its size
+        key = ("data.eval_documents" if wanted is not None else
+               f"eval.batches (data.eval_documents is null, so as many documents as eval.batches={cfg.eval.batches} "
+               "batches need are held out)")
+        raise DataError(f"the held-out set takes every document of the dataset ({len(digests)}), leaving nothing "
+                        f"to train on; lower {key}, or use more data")
     tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
     ident = hashlib.sha256(b"".join(digests)).hexdigest()
     return HeldOut(len(digests), frozenset(digests), tokens, ident)
