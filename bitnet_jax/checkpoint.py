@@ -308,9 +308,6 @@ class CheckpointManager:
             # A private device copy, dispatched async; the explicit shardings make it valid for arrays
             # spread over several processes too.
             tree = jax.device_put(tree, jax.tree.map(lambda x: x.sharding, tree), may_alias=False)
-        # Dispatched now, behind the copy (a collective over a sharded state: every process, in the same
-        # order); the values are fetched by the save call, in the background thread when there is one.
-        hashes = state_checksum.array_hashes(tree)
         # Several processes: Orbax's save call runs cross-process collectives, which must be issued in
         # the same order on every process; from a background thread they would interleave with the
         # train step's collectives differently on each (gloo aborts on the mismatch). So the call stays
@@ -318,14 +315,19 @@ class CheckpointManager:
         if self.cfg.checkpoint.async_save and jax.process_count() == 1:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bitnet-checkpoint")
-            self._pending = self._pool.submit(self._save_call, step, tree, data, meta, hashes)
+            # The checksum of the private copy (no step donates it) is computed in that thread too.
+            self._pending = self._pool.submit(self._save_call, step, tree, data, meta)
         else:
-            self._save_call(step, tree, data, meta, hashes)
+            # A collective over a sharded state: on the main thread, in the same order on every process.
+            self._save_call(step, tree, data, meta, state_checksum.array_hashes(tree))
         self.last_saved = int(step)
 
-    def _save_call(self, step: int, tree: dict, data: dict, meta: dict, hashes: dict) -> None:
-        """Orbax's save call of one snapshot, its checksum (waited for here) in the meta item."""
+    def _save_call(self, step: int, tree: dict, data: dict, meta: dict, hashes: dict | None = None) -> None:
+        """Orbax's save call of one snapshot, its checksum (``hashes`` when dispatched already; waited
+        for here) in the meta item."""
         ocp = _ocp()
+        if hashes is None:
+            hashes = state_checksum.array_hashes(tree)
         meta = {**meta, "checksum": state_checksum.record(state_checksum.fetch(hashes), data, meta)}
         args = ocp.args.Composite(**{
             STATE: ocp.args.StandardSave(tree),
