@@ -242,7 +242,10 @@ def test_bad_data_fails_in_build_not_in_the_thread(fineweb_shards, llama):
 
 
 def test_errors_while_streaming_reach_next(tmp_path):
+    # a.txt is the held-out set and a2.txt the document checked to follow it, so the bad file is
+    # first read by the training stream, in its background thread
     (tmp_path / "a.txt").write_text("x " * 5000, encoding="utf-8")
+    (tmp_path / "a2.txt").write_text("y " * 5000, encoding="utf-8")
     (tmp_path / "b.txt").write_bytes(b"bad \xff byte")
     cfg = Config(train=TrainConfig(batch_size=2, seq_len=32), eval=EvalConfig(batches=1),
                  data=DataConfig(source="local", data_files=[str(tmp_path / "*.txt")], tokenize_batch=1))
