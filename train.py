@@ -1,9 +1,7 @@
 #!/usr/bin/env python
 """Train a BitNet b1.58 model: ``python train.py --config configs/tiny.yaml``. See bitnet_jax/train.py."""
 
-import sys
-
-from bitnet_jax.train import main
+from bitnet_jax.train import run_cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli()

@@ -35,6 +35,7 @@ Public API::
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import shutil
 import sys
@@ -47,7 +48,7 @@ import jax
 
 from bitnet_jax import orbax_noise, state_checksum
 from bitnet_jax.config import Config
-from bitnet_jax.damage import damage_reason, first_line
+from bitnet_jax.damage import damage_reason, failure_cause
 from bitnet_jax.distributed import gather_json
 from bitnet_jax.model import abstract_model
 from bitnet_jax.run_dir import (DATA, FORMAT, META, STATE, CheckpointDamaged, CheckpointError, KeepPolicy,
@@ -279,8 +280,14 @@ class CheckpointManager:
             create=not read_only,
             read_only=read_only,
         )
+        # A save that fails in Orbax's threads logs pages of tracebacks there; they go to
+        # RUN_DIR/orbax_errors.log, and the run says what failed in one line (CheckpointError).
+        self._quiet = contextlib.ExitStack()
+        if not read_only:
+            self._quiet.enter_context(orbax_noise.captured(self.run_dir / orbax_noise.LOG_NAME))
         self._mngr = ocp.CheckpointManager(checkpoints_dir(run_dir).resolve(), options=options)
         self.last_saved: int | None = None
+        self.failed: CheckpointError | None = None  # a save that failed (reported once)
         self._multiprocess = jax.process_count() > 1
         self._pool = None  # one worker thread, made on the first asynchronous save
         self._pending = None  # its Future: the Orbax save call of the newest snapshot
@@ -304,7 +311,7 @@ class CheckpointManager:
         data = {"format": FORMAT, "processes": gather_json(data_state)}  # a collective: main thread
         tree = to_tree(state)
         if self.cfg.checkpoint.async_save:
-            self._finish_pending()  # bounds memory to one snapshot in transfer plus Orbax's write
+            self._finish_pending(step)  # bounds memory to one snapshot in transfer plus Orbax's write
             # A private device copy, dispatched async; the explicit shardings make it valid for arrays
             # spread over several processes too.
             tree = jax.device_put(tree, jax.tree.map(lambda x: x.sharding, tree), may_alias=False)
@@ -316,13 +323,17 @@ class CheckpointManager:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bitnet-checkpoint")
             # The checksum of the private copy (no step donates it) is computed in that thread too.
-            self._pending = self._pool.submit(self._save_call, step, tree, data, meta)
+            self._pending = self._pool.submit(self._save_call, step, tree, data, meta, wait_for_write=True)
         else:
             # A collective over a sharded state: on the main thread, in the same order on every process.
-            self._save_call(step, tree, data, meta, state_checksum.array_hashes(tree))
+            try:
+                self._save_call(step, tree, data, meta, state_checksum.array_hashes(tree))
+            except Exception as e:
+                raise self._failure(e, step) from e
         self.last_saved = int(step)
 
-    def _save_call(self, step: int, tree: dict, data: dict, meta: dict, hashes: dict | None = None) -> None:
+    def _save_call(self, step: int, tree: dict, data: dict, meta: dict, hashes: dict | None = None,
+                   wait_for_write: bool = False) -> None:
         """Orbax's save call of one snapshot, its checksum (``hashes`` when dispatched already; waited
         for here) in the meta item."""
         ocp = _ocp()
@@ -335,39 +346,71 @@ class CheckpointManager:
             META: ocp.args.JsonSave(meta),
         })
         self._mngr.save(step, args=args, force=True)
+        if wait_for_write:
+            # In the save thread: wait for Orbax's file writes too, so that the thread's Future carries
+            # their outcome and a write that fails (a full disk, a folder that cannot be written) is
+            # seen by the next step's check_background_errors. (Orbax's save of the next step would
+            # wait for them anyway.)
+            self._mngr.wait_until_finished()
 
-    def _finish_pending(self) -> None:
-        """Waits for the background Orbax save call (not its file writes); re-raises its error."""
+    def _finish_pending(self, step: int) -> None:
+        """Waits for the background save of the newest snapshot; raises CheckpointError if it failed."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            pending.result()
+            try:
+                pending.result()
+            except Exception as e:
+                raise self._failure(e, step) from e
+
+    def _failure(self, error: Exception, step: int) -> CheckpointError:
+        """The one message of a failed save (recorded: ``close`` does not raise it again)."""
+        if self.failed is None:
+            self.failed = CheckpointError(
+                f"saving a checkpoint to {checkpoints_dir(self.run_dir)} failed: {failure_cause(error)}. The run "
+                f"stopped at step {step}; complete checkpoints: {complete_steps(self.run_dir) or 'none'}. Fix the "
+                f"cause (disk space, permissions), then resume (Orbax's log: {self.run_dir / orbax_noise.LOG_NAME})")
+        return self.failed
 
     def check_background_errors(self, step: int) -> None:
         """Raises, without waiting, the error of a background save that has already failed (a full
         disk, a lost mount): checked every step, so the run stops at once, not at the next save
         minutes later; an exception in flight would otherwise also cost the save on SIGTERM."""
+        if self._pending is not None and self._pending.done():
+            self._finish_pending(step)
         try:
-            if self._pending is not None and self._pending.done():
-                self._finish_pending()
             self._mngr.check_for_errors()
         except Exception as e:
-            raise CheckpointError(
-                f"saving a checkpoint failed in the background ({type(e).__name__}: {first_line(e)}); the run "
-                f"stops at step {step}. Complete checkpoints: {complete_steps(self.run_dir) or 'none'}; fix the "
-                f"cause (disk space, permissions) and resume") from e
+            raise self._failure(e, step) from e
 
     def wait(self) -> None:
         """Blocks until every started save is complete on disk."""
-        self._finish_pending()
-        self._mngr.wait_until_finished()
+        step = self.last_saved if self.last_saved is not None else -1
+        self._finish_pending(step)
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:
+            raise self._failure(e, step) from e
 
     def close(self) -> None:
+        """Waits for started saves and shuts down. Raises CheckpointError for a save that failed and
+        was not reported yet; a failure already raised is not raised again (Orbax would re-raise it
+        here, over the message that explains it)."""
+        reported = self.failed
         try:
             self.wait()
+        except CheckpointError:
+            if reported is None:
+                raise
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
-            self._mngr.close()
+            try:
+                self._mngr.close()
+            except Exception:  # the failure above, raised once more by Orbax: reported already
+                if self.failed is None:
+                    raise
+            finally:
+                self._quiet.close()
 
     def reached_preemption(self, step: int) -> bool:
         """Multi-process runs: whether JAX's distributed runtime saw a preemption notice (SIGTERM);

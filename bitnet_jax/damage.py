@@ -9,6 +9,8 @@ exceptions, so this module reads their type and status code.
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 # What Orbax 0.12 / tensorstore 0.1 raise for damaged files (found by damaging real steps):
@@ -25,7 +27,8 @@ from pathlib import Path
 #       Truncated Zstd-compressed stream" / "ZSTD_decompressStream() failed: Unknown frame descriptor")
 #       or ValueError("OUT_OF_RANGE: ... Requested byte range ... is not valid for value of size N");
 #       truncated: the same OUT_OF_RANGE.
-# (Bytes flipped inside a compressed array chunk go unnoticed: zstd frames carry no checksum here.)
+# (Bytes flipped inside a compressed array chunk decode without an error: zstd frames carry no checksum
+# here; the step's checksum, state_checksum.py, is what finds them.)
 # tensorstore reports every failure as a ValueError whose message starts with the absl status code
 # (all but INVALID_ARGUMENT, which has none), so the code, and for INVALID_ARGUMENT the decoder's words,
 # are the only way to tell damage from e.g. RESOURCE_EXHAUSTED or UNAVAILABLE.
@@ -71,3 +74,20 @@ def first_line(e: BaseException) -> str:
     """Tensorstore errors append a page of JSON spec; the first line says what failed."""
     text = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {text[:200]}"
+
+
+def failure_cause(error: BaseException) -> str:
+    """A failed write in a few words: the operating system's reason (``No space left on device``,
+    ``Operation not permitted: PATH``) where the error or one it wraps names one (tensorstore puts it
+    in its message as ``os_error_code``), else the error's first line."""
+    seen: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and all(e is not x for x in seen) and len(seen) < 8:
+        seen.append(e)
+        if isinstance(e, OSError) and e.strerror:
+            return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        code = re.search(r"os_error_code='(\d+)'", str(e))
+        if code:
+            return os.strerror(int(code.group(1)))
+        e = e.__cause__ or e.__context__
+    return first_line(error)

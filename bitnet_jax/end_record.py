@@ -54,12 +54,16 @@ def write_end_record(run_dir: str | Path, state: str, step: int | None, reason: 
               "time": time.time() if now is None else float(now)}
     path = Path(run_dir) / END_FILE
     tmp = path.with_name(f".{END_FILE}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: leave no empty temporary file behind
+        raise
     try:  # the rename itself survives a power cut only once the directory is synced
         fd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -244,16 +244,16 @@ class ResumePlan:
     kept: list[int] | None = None  # steps permanent under the config they were saved with (in place)
 
 
-def plan(resume: str, runs_dir: str, run_id: str | None, config_path: str | None,
-         overrides: list[str], stop_at: int | None, dry_run: bool = False) -> tuple[Config, ResumePlan]:
-    """Resolves ``--resume`` and the config it runs with (see the module docstring); raises
-    ConfigError with what to pass instead when anything does not fit. ``dry_run``: changes nothing on
-    disk (incomplete newer step directories are only named, not moved aside)."""
+def plan(target: ResumeTarget, config_path: str | None, overrides: list[str], stop_at: int | None,
+         dry_run: bool = False) -> tuple[Config, ResumePlan]:
+    """Resolves ``--resume`` (``parse_target``'s target) and the config it runs with (see the module
+    docstring); raises ConfigError with what to pass instead when anything does not fit. A run
+    continued in place has incomplete newer step directories moved aside (so its lock must be held);
+    ``dry_run`` changes nothing on disk (they are only named)."""
     from bitnet_jax.checkpoint import open_step
     from bitnet_jax.state_tree import abstract_tree
     from bitnet_jax.train_state import abstract_state
 
-    target = parse_target(resume, runs_dir, run_id)
     opened = open_step(target.run_dir, target.step, resuming=True)  # the named or newest complete step
     step, step_dir = opened.step, opened.path
     cfg = resolve_config(target, step_dir, config_path, overrides, stored=opened.cfg)

@@ -81,16 +81,27 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def make_run_folder(root: str | Path) -> Path:
+    """Creates (if needed) the folder of a new run; returns it absolute. A folder that cannot be made
+    (a read-only file system, --runs-dir naming a file) is a ConfigError in one line."""
+    root = Path(root).resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the run directory {root}: {e.strerror or e}; choose a writable "
+                          "--runs-dir") from None
+    return root
+
+
 def prepare_run_dir(root: str | Path, cfg: Config) -> RunPaths:
-    """Creates the folder of a NEW run and writes its ``config.yaml``; refuses, before writing
-    anything, a folder that already holds checkpoints."""
-    root = Path(root)
-    paths = RunPaths(root.resolve())
+    """Makes the folder of a NEW run and writes its ``config.yaml``; refuses, before writing anything,
+    a folder that already holds checkpoints."""
+    paths = RunPaths(Path(root).resolve())
     if complete_steps(paths.root):
         raise ConfigError(
             f"{paths.root} already holds checkpoints; pass --resume {paths.root} to continue it "
-            f"(or --resume latest --run-id {root.name}), or choose another --run-id")
-    root.mkdir(parents=True, exist_ok=True)
+            f"(or --resume latest --run-id {paths.root.name}), or choose another --run-id")
+    make_run_folder(paths.root)
     paths.config.write_text(config_lib.dump(cfg))
     return paths
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -35,6 +36,9 @@ class StopRequest:
         if not self.requested:
             self.signal_name = signal.Signals(signum).name
             self.received_at = time.perf_counter()
+            # os.write, not print: the handler may run in the middle of a print to the same stream.
+            again = " (Ctrl-C again to stop at once without saving it)" if signum == signal.SIGINT else ""
+            os.write(2, f"\n{self.signal_name}: stopping after this step and saving it{again}\n".encode())
 
     def install(self) -> "StopRequest":
         """Installs the handlers (main thread of a single-process run only: with several processes

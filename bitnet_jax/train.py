@@ -9,15 +9,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from bitnet_jax import config as config_lib
 from bitnet_jax import distributed
 from bitnet_jax import resume as resume_lib
 from bitnet_jax.config import Config, ConfigError
-from bitnet_jax.run_dir import RunPaths, prepare_run_dir
+from bitnet_jax.run_dir import RunPaths, make_run_folder, prepare_run_dir
+from bitnet_jax.run_lock import RunLock, RunLocked
 from bitnet_jax.units import format_count
 
 
@@ -283,7 +286,7 @@ def print_summary(paths: RunPaths, summary: dict) -> None:
     elif summary.get("stopped_by"):
         took = f" in {summary['stop_seconds']:.1f} s" if summary.get("stop_seconds") is not None else ""
         print(f"stopped by {summary['stopped_by']} at step {summary['step']} of {summary['total_steps']}: "
-              f"saved checkpoints/{summary['step']}{took}")
+              f"saved checkpoints/{summary['step']}{took} (it is on disk: safe to kill)")
         if summary.get("data_ran_out"):
             print(f"to train on, start a new run from it with more data (its stream starts afresh): --resume "
                   f"{paths.root / 'checkpoints' / str(summary['step'])} --run-id NEW_ID --set data.data_files=... "
@@ -315,16 +318,54 @@ def record_end(paths: RunPaths | None, state: str, step: int | None, reason: str
         pass
 
 
+def lock_run(run_dir: Path, group) -> RunLock | None:
+    """Process 0 takes the run directory's lock (run_lock.py) before anything is written there; with
+    several processes every process learns whether it could (a collective) and all refuse together."""
+    lock, refused = None, None
+    first = group is None or __import__("jax").process_index() == 0
+    if first:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunLocked as e:
+            refused = e
+    if group is not None and not distributed.broadcast_from_first(int(refused is None)):
+        raise refused or RunLocked(f"process 0 could not take the lock of {run_dir} (see its output)")
+    if refused:
+        raise refused
+    if lock and lock.note():
+        print(f"note: {lock.note()}; taking it over", file=sys.stderr)
+    return lock
+
+
+def interrupted_message(paths: RunPaths | None) -> str:
+    """What a second Ctrl-C leaves: the step in progress is not saved; where to go on from."""
+    from bitnet_jax.console import command
+    from bitnet_jax.run_dir import complete_steps
+
+    steps = complete_steps(paths.root) if paths and paths.checkpoints.is_dir() else []
+    if not steps:
+        return "interrupted (a second Ctrl-C): stopped without saving; this run has no checkpoint yet"
+    return (f"interrupted (a second Ctrl-C): stopped without saving the current step; the newest checkpoint "
+            f"is step {steps[-1]}: resume with {command('python', 'train.py', '--resume', paths.root)}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 the run finished or stopped with its step saved (SIGTERM, one Ctrl-C, --stop-at,
+    the end of the data); 2 bad input or environment, in one line (config, data, tokenizer, a run
+    another trainer holds, a disk that is full or cannot be written, a checkpoint that cannot be
+    read or saved); 3 halted on non-finite steps (train.on_nan); 130 a second Ctrl-C; 1 a bug
+    (traceback)."""
     args = parse_args(argv)
-    paths = None
+    paths, lock = None, None
     try:
         group = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
         distributed.initialize(group)  # before any device is touched; no-op for one process
         plan = None
         if args.resume:
-            cfg, plan = resume_lib.plan(args.resume, args.runs_dir, args.run_id, args.config,
-                                        args.overrides, args.stop_at, dry_run=args.dry_run)
+            target = resume_lib.parse_target(args.resume, args.runs_dir, args.run_id)
+            if not target.new_run and not args.dry_run:  # before the plan moves unfinished saves aside
+                lock = lock_run(target.run_dir, group)
+            cfg, plan = resume_lib.plan(target, args.config, args.overrides, args.stop_at, dry_run=args.dry_run)
         elif args.config:
             cfg, notes = config_lib.load_with_notes(args.config, args.overrides)
             print("".join(f"note: {note}\n" for note in notes), end="", file=sys.stderr)
@@ -341,19 +382,48 @@ def main(argv: list[str] | None = None) -> int:
             paths = RunPaths(plan.target.run_dir)
             paths.config.write_text(config_lib.dump(cfg))
         else:
-            paths = prepare_run_dir(Path(args.runs_dir) / (args.run_id or default_run_id(cfg)), cfg)
+            root = make_run_folder(Path(args.runs_dir) / (args.run_id or default_run_id(cfg)))
+            lock = lock_run(root, group)
+            paths = prepare_run_dir(root, cfg)
         summary = train(cfg, paths, inputs, resume=plan, stop_at=args.stop_at, run_eval=not args.no_eval)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        record_end(paths, "failed", None, str(e), 2)
+    except (ConfigError, OSError) as e:  # bad input, or the disk / file system: one line, no traceback
+        message = str(e) if isinstance(e, ConfigError) else f"{e} ({type(e).__name__})"
+        print(f"error: {message}", file=sys.stderr)
+        record_end(paths, "failed", None, message, 2)
         return 2
     except KeyboardInterrupt:
-        record_end(paths, "stopped", None, "a second Ctrl-C (the current step was not saved)", 130)
-        raise
+        message = interrupted_message(paths)
+        print(f"\n{message}", file=sys.stderr)
+        record_end(paths, "stopped", None, message, 130)
+        return 130
     except BaseException as e:
         record_end(paths, "failed", None, f"{type(e).__name__}: {e}", 1)
         raise
+    finally:
+        if lock:
+            lock.release()
     print_summary(paths, summary)
     state, reason, code = end_of(summary)
     record_end(paths, state, summary["step"], reason, code)
     return code
+
+
+def run_cli() -> None:
+    """``train.py``'s entry point: ``main()``, then exit at once with its code. Everything the run
+    owns is on disk by then (saves waited for, event files closed, end.json written); what is left
+    is interpreter teardown, which waits for library threads (seconds for JAX and the data
+    workers, and about 300 s for Orbax threads still waiting on a save that failed). Several
+    processes exit normally: JAX's distributed shutdown must run on each of them."""
+    try:
+        code = main()
+    except SystemExit as e:  # argparse: --help, a usage error (it has printed why)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.process_count() > 1:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -442,7 +442,7 @@ def test_new_run_from_a_checkpoint_of_another_shape_is_refused_before_writing(tm
     step_dir = tmp_path / "runs" / "r1" / "checkpoints" / "5"
     with pytest.raises(rd.CheckpointError, match=r"params\.embed_tokens is \(300, 32\) float32 in the "
                                                  r"checkpoint but \(300, 64\)"):
-        resume_lib.plan(str(step_dir), str(tmp_path / "runs"), "r2", None, ["model.hidden_size=64"], None)
+        resume_lib.plan(resume_lib.parse_target(str(step_dir), str(tmp_path / "runs"), "r2"), None, ["model.hidden_size=64"], None)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r1"]
 
 
@@ -475,7 +475,7 @@ def test_dry_run_names_incomplete_steps_without_moving_them(tmp_path, placed, ca
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
     # the real plan moves it
     with pytest.warns(UserWarning, match=r"moved damaged checkpoint .*checkpoints/10"):
-        resume_lib.plan(str(tmp_path), str(tmp_path.parent), None, None, [], None)
+        resume_lib.plan(resume_lib.parse_target(str(tmp_path), str(tmp_path.parent), None), None, [], None)
     assert not (tmp_path / "checkpoints" / "10").exists()
     assert [p.name.split(".")[0] for p in (tmp_path / "damaged_checkpoints").iterdir()] == ["10"]
 
@@ -491,13 +491,13 @@ def test_only_process_0_moves_damaged_steps(tmp_path, placed, monkeypatch):
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     monkeypatch.setattr(multihost_utils, "sync_global_devices", barriers.append)
-    cfg2, plan = resume_lib.plan(str(tmp_path), str(tmp_path.parent), None, None, [], None)
+    cfg2, plan = resume_lib.plan(resume_lib.parse_target(str(tmp_path), str(tmp_path.parent), None), None, [], None)
     assert plan.step == 5  # the same decision as process 0 makes
     assert (tmp_path / "checkpoints" / "10").is_dir() and not (tmp_path / "damaged_checkpoints").exists()
     assert len(barriers) == 1
     # nothing to move (process 0 was faster): still at the barrier
     (tmp_path / "checkpoints" / "10").rename(tmp_path / "elsewhere")
-    resume_lib.plan(str(tmp_path), str(tmp_path.parent), None, None, [], None)
+    resume_lib.plan(resume_lib.parse_target(str(tmp_path), str(tmp_path.parent), None), None, [], None)
     assert len(barriers) == 2
 
 
@@ -505,7 +505,7 @@ def test_resume_from_an_older_step_in_place_is_refused(tmp_path, placed):
     cfg, _, state, _ = placed
     save_steps(tmp_path, cfg, state, [5, 10])
     with pytest.raises(config_lib.ConfigError, match=r"overwrite them.*--resume .*checkpoints/5 --run-id"):
-        resume_lib.plan("5", str(tmp_path.parent), tmp_path.name, None, [], None)
+        resume_lib.plan(resume_lib.parse_target("5", str(tmp_path.parent), tmp_path.name), None, [], None)
 
 
 def test_starting_a_run_dir_with_checkpoints_again_is_refused_before_writing(tmp_path, placed):

@@ -1,12 +1,16 @@
 """Fault injection against real runs: damaged checkpoint contents are detected on resume (checksums,
 bitnet_jax/state_checksum.py), each damaged step costs one line on stderr (Orbax's noise goes to
-RUN_DIR/orbax_errors.log), and status.py names a save cut off half-way as abandoned.
+RUN_DIR/orbax_errors.log), a save that cannot be written stops the run with one message and exit 2
+(and the run resumes exactly once the cause is gone), and status.py names a save cut off half-way as
+abandoned.
 
 Every run is a subprocess of train.py on a tiny model (12 steps, checkpoints every 4; the stage
 switch at 6 adds steps 5 and 6). One uninterrupted run is the reference; one run stopped at step 8 is
 the template each test copies and damages.
 """
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -33,9 +37,14 @@ def env() -> dict:
             "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
 
 
-def run(script: str, *args, expect: int | None = 0) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, str(REPO / script), *args], env=env(), capture_output=True,
-                         text=True, timeout=600, cwd=REPO)
+def run(script: str, *args, expect: int | None = 0, file_size_limit: int | None = None,
+        timeout: float = 600) -> subprocess.CompletedProcess:
+    """``file_size_limit`` (kB): no file the process writes may grow past it (the shell's ``ulimit -f``:
+    writes fail with EFBIG as on a full disk; SIGXFSZ ignored, so that they fail instead of killing)."""
+    command = [sys.executable, str(REPO / script), *args]
+    if file_size_limit:
+        command = ["bash", "-c", f'ulimit -f {file_size_limit}; trap "" XFSZ; exec "$@"', "bash", *command]
+    out = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if expect is not None:
         assert out.returncode == expect, out.stdout[-2000:] + out.stderr[-3000:]
     return out
@@ -140,3 +149,52 @@ def test_status_names_a_save_cut_off_half_way_as_abandoned(runs, tmp_path):
     out = run("status.py", str(run_dir))
     assert "Checkpoint 13: abandoned (an unfinished save; the next resume removes it)" in out.stdout
     assert "saving 13" not in out.stdout
+
+
+@contextlib.contextmanager
+def unwritable(folder: Path):
+    """``folder`` refuses new files, to root too: ``chattr +i`` as root, read-only permissions else."""
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode:
+            pytest.skip("running as root without a file system that takes chattr +i")
+        undo = ["chattr", "-i", str(folder)]
+    else:
+        folder.chmod(0o555)
+        undo = ["chmod", "755", str(folder)]
+    try:
+        with pytest.raises(OSError):
+            (folder / "probe").mkdir()
+        yield
+    finally:
+        subprocess.run(undo, check=True)
+
+
+@pytest.mark.parametrize("fault", ["full", "unwritable"])
+def test_a_save_that_cannot_be_written_stops_the_run_in_one_line_and_it_resumes_exactly(runs, tmp_path, fault):
+    reference, template, _ = runs
+    run_dir = copy_of(template, tmp_path)
+    resume = ("--resume", "latest", "--runs-dir", str(run_dir.parent), "--run-id", run_dir.name, "--no-eval")
+    # The resumed run saves step 12 (its end) and fails. The timeout guards against Orbax's threads,
+    # which wait about 300 s for a step folder that was never made.
+    if fault == "full":  # array files of a few MB; the run's other files stay under 512 kB
+        out = run("train.py", *resume, expect=2, file_size_limit=512, timeout=240)
+        cause = "File too large"
+    else:
+        with unwritable(run_dir / "checkpoints"):
+            out = run("train.py", *resume, expect=2, timeout=240)
+        cause = "Operation not permitted" if os.geteuid() == 0 else "Permission denied"
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], out.stderr  # once, and last
+    assert lines[-1].startswith(f"error: saving a checkpoint to {run_dir / 'checkpoints'} failed: {cause}")
+    assert f"stopped at step {STEPS}; complete checkpoints: [4, 5, 6, 8]" in lines[-1]
+    assert "Traceback" not in out.stdout + out.stderr and "ERROR:absl" not in out.stderr
+    end = json.loads((run_dir / "end.json").read_text())
+    assert (end["state"], end["exit_code"]) == ("failed", 2)
+    leftovers = list((run_dir / "checkpoints").glob(f"{STEPS}.orbax-checkpoint-tmp*"))
+    if leftovers:  # (a full disk leaves the save it cut off; status names it)
+        assert "abandoned" in run("status.py", str(run_dir)).stdout
+    # the cause gone, the run goes on from step 8 and ends bit for bit as the uninterrupted one
+    run("train.py", *resume)
+    final = stored_arrays(run_dir / "checkpoints" / str(STEPS))
+    for name, x in reference.items():
+        np.testing.assert_array_equal(final[name], x, err_msg=name)

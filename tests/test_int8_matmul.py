@@ -215,7 +215,7 @@ def test_a_checkpoint_of_one_matmul_setting_resumes_under_the_other(tmp_path, ca
     mngr.close()
     host_state = jax.device_get(state)
 
-    cfg2, plan = resume_lib.plan(str(tmp_path), str(tmp_path.parent), None, None, [f"model.matmul={resumed}"], None)
+    cfg2, plan = resume_lib.plan(resume_lib.parse_target(str(tmp_path), str(tmp_path.parent), None), None, [f"model.matmul={resumed}"], None)
     assert cfg2.model.matmul == resumed and plan.step == 3
     assert "model.matmul differ" in capsys.readouterr().err
     mesh = sharding.make_mesh(cfg2.mesh)

@@ -283,7 +283,7 @@ out = {"pid": pid}
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     try:
-        cfg2, plan = R.plan(str(run_dir), str(run_dir.parent), None, None, [], None)
+        cfg2, plan = R.plan(R.parse_target(str(run_dir), str(run_dir.parent), None), None, [], None)
         _, abstract = train_state.abstract_state(cfg2)
         restored = R.restore(plan.target, plan.step, abstract, sharding.state_shardings(abstract, mesh))
         out.update(step=restored.step, data_state=restored.data_state)
