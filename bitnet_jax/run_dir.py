@@ -40,8 +40,8 @@ class CheckpointError(ConfigError):
 
 class CheckpointDamaged(CheckpointError):
     """The files of one step cannot be read back: a file is missing or truncated, or a JSON / OCDBT /
-    zstd decode fails (see ``checkpoint.damage_reason``). Only this error lets a read of the newest
-    step (``checkpoint.open_step``) fall back to an older step, and only a step that raised it is
+    zstd decode fails (see ``damage.damage_reason``). Only this error lets a read of the newest
+    step (``open_step.open_step``) fall back to an older step, and only a step that raised it is
     moved aside. Anything else (out of memory, a sharding mismatch, a transient file-system error, a
     bug) is re-raised as it is and leaves the checkpoint alone."""
 
