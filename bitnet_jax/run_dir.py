@@ -147,11 +147,6 @@ def inspect_step(step_dir: str | Path) -> SavedStep:
     return SavedStep(step, step_dir, None, meta)
 
 
-def step_problem(step_dir: str | Path) -> str | None:
-    """Why ``step_dir`` is not a usable checkpoint (missing or unreadable files), or None."""
-    return inspect_step(step_dir).problem
-
-
 def _step_dirs(run_dir: str | Path) -> dict[int, Path]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
@@ -162,11 +157,6 @@ def _step_dirs(run_dir: str | Path) -> dict[int, Path]:
 def scan_steps(run_dir: str | Path) -> dict[int, SavedStep]:
     """Every step folder (bare integer name) of ``run_dir``, sorted by step, each inspected once."""
     return {step: inspect_step(path) for step, path in sorted(_step_dirs(run_dir).items())}
-
-
-def step_problems(run_dir: str | Path) -> dict[int, str | None]:
-    """Every step folder, sorted: step -> its ``step_problem`` (None: complete)."""
-    return {step: saved.problem for step, saved in scan_steps(run_dir).items()}
 
 
 def complete_steps(run_dir: str | Path, warn: bool = False,
