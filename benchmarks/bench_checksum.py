@@ -42,7 +42,8 @@ def main() -> None:
 
     from bitnet_jax import config as config_lib
     from bitnet_jax import sharding, state_checksum, train_state
-    from bitnet_jax.checkpoint import CheckpointManager, open_step
+    from bitnet_jax.checkpoint import CheckpointManager
+    from bitnet_jax.open_step import open_step
     from bitnet_jax.state_tree import to_tree
 
     cfg = config_lib.load(args.config, args.overrides + ["checkpoint.every=1", "checkpoint.keep_last=1"])

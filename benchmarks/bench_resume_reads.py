@@ -22,9 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SETS = ["train.steps=20", "optim.warmup_steps=2", "checkpoint.every=5", "checkpoint.keep_last=2",
         "eval.every=0", "log.metrics_every=0", "log.samples_every=0", "log.progress=false"]
-HELPERS = ("step_problem", "step_problems", "inspect_step", "scan_steps", "complete_steps", "read_meta",
-           "read_config", "check_meta", "config_of", "_parse_json", "check_shapes",
-           "abstract_state", "from_dict")
+HELPERS = ("inspect_step", "scan_steps", "complete_steps", "read_meta", "read_config", "check_meta",
+           "config_of", "_parse_json", "check_shapes", "abstract_state", "from_dict")
 
 
 def _wrap_everywhere(name: str, counts: collections.Counter) -> None:

@@ -1,6 +1,6 @@
 """Telling damaged checkpoint files from every other error raised while reading a step.
 
-A step whose files are damaged may give way to an older one (``checkpoint.open_step``) and is moved
+A step whose files are damaged may give way to an older one (``open_step.open_step``) and is moved
 out of the way; any other error (out of memory, a sharding mismatch, a file system that is down for a
 moment, a bug) must not cost the checkpoint. Orbax and tensorstore raise both kinds as plain
 exceptions, so this module reads their type and status code.

@@ -241,7 +241,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
 
     Every check on the arguments runs before the checkpoint is read.
     """
-    from bitnet_jax.checkpoint import open_step, read_params
+    from bitnet_jax.checkpoint import read_params
+    from bitnet_jax.open_step import open_step
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if fmt not in FORMATS + (GGUF,):

@@ -37,10 +37,11 @@ def generate_text(run_dir: str | Path, prompt: str, *, step: int | None = None, 
     checkpoint) with what to do when the run, step, tokenizer or prompt does not fit."""
     import jax
 
-    from bitnet_jax.checkpoint import open_step, read_params
+    from bitnet_jax.checkpoint import read_params
     from bitnet_jax.data.tokenizer import load_run_tokenizer
     from bitnet_jax.generation import Generator
     from bitnet_jax.model import abstract_model
+    from bitnet_jax.open_step import open_step
     from bitnet_jax.samples import prompt_ids
 
     run_dir = Path(run_dir)

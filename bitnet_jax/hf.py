@@ -93,12 +93,6 @@ def pack_ternary(t_OxI: np.ndarray) -> np.ndarray:
     return packed
 
 
-def unpack_ternary(packed: np.ndarray) -> np.ndarray:
-    """Inverse of ``pack_ternary``: uint8 ``[out / 4, in]`` -> int8 ``[out, in]`` in {-1, 0, 1}."""
-    blocks = [((packed >> (2 * k)) & 3).astype(np.int8) - 1 for k in range(VALUES_PER_BYTE)]
-    return np.concatenate(blocks, axis=0)
-
-
 def hf_packed_state_dict(params: nnx.State) -> dict[str, np.ndarray]:
     """The offline-quantized state dict: for every projection, ``weight`` = packed ternary uint8
     ``[out / 4, in]`` and ``weight_scale`` = gamma as bfloat16 ``[1]``; the embedding and norm weights

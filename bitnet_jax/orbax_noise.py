@@ -45,6 +45,17 @@ def _format(message, category, filename, lineno, line=None):
 warnings.formatwarning = _format
 
 
+def orbax():
+    """``orbax.checkpoint``, imported on first use (a second of start-up that most imports of the
+    checkpoint modules skip), with its INFO logging kept off the console."""
+    import orbax.checkpoint as ocp
+
+    # Orbax logs every save at INFO through absl; keep the console for the progress bar.
+    # ERROR: it also warns that item folders lack a _CHECKPOINT_METADATA file, which is by design.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    return ocp
+
+
 def _is_orbax_leftover(unraisable) -> bool:
     """An unraisable error of Orbax's or TensorStore's (a failed read's coroutine, its event loop)."""
     obj, exc = unraisable.object, unraisable.exc_value

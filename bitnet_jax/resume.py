@@ -30,10 +30,10 @@ from bitnet_jax.distributed import gather_json
 from bitnet_jax.run_dir import (CheckpointDamaged, CheckpointError, SavedStep, checkpoints_dir, permanent_steps,
                                 read_config)
 
-# bitnet_jax.checkpoint (jax, flax, Orbax) is imported where a checkpoint is read: train.py's checks of
-# its arguments and config run, and fail, before several seconds of imports.
+# bitnet_jax.checkpoint and bitnet_jax.open_step (jax, flax, Orbax) are imported where a checkpoint is
+# read: train.py's checks of its arguments and config run, and fail, before several seconds of imports.
 if TYPE_CHECKING:
-    from bitnet_jax.checkpoint import OpenStep
+    from bitnet_jax.open_step import OpenStep
 
 # Keys that do not change the math of the remaining steps: reporting, intervals, throughput knobs.
 # (eval.batches is not here: with data.eval_documents null it sets how many documents are held out
@@ -139,7 +139,7 @@ def check_continuable(target: ResumeTarget, step: int, scan: dict[int, SavedStep
                   f"{checkpoints_dir(target.run_dir) / str(s)} ({problem}) to "
                   f"{target.run_dir / 'damaged_checkpoints'}/", file=sys.stderr)
         return
-    from bitnet_jax.checkpoint import move_aside
+    from bitnet_jax.open_step import move_aside
 
     move_aside(target.run_dir, moves)
 
@@ -165,12 +165,13 @@ class Restored:
 def restore(target: ResumeTarget, step: int, like, shardings, opened: OpenStep | None = None) -> Restored:
     """Restores ``step`` of ``target`` into ``like``'s structure (``opened``: that step as ``plan``
     opened it). With ``latest`` (``target.step`` None) a damaged step gives way to the next older
-    one, once, and is moved aside when the run continues in place (``checkpoint.OpenStep.read``);
+    one, once, and is moved aside when the run continues in place (``open_step.OpenStep.read``);
     an explicit step is never replaced by another."""
     from bitnet_jax import checkpoint as ckpt_lib
+    from bitnet_jax.open_step import open_step
 
     if opened is None:
-        opened = ckpt_lib.open_step(target.run_dir, step, fallback=target.step is None, resuming=True)
+        opened = open_step(target.run_dir, step, fallback=target.step is None, resuming=True)
 
     def read(s: OpenStep) -> Restored:
         mngr = ckpt_lib.CheckpointManager(target.run_dir, s.cfg, read_only=True)
@@ -239,7 +240,7 @@ class ResumePlan:
     target: ResumeTarget
     step: int
     step_dir: Path
-    opened: OpenStep | None = None  # the step, validated once (``checkpoint.open_step``)
+    opened: OpenStep | None = None  # the step, validated once (``open_step.open_step``)
     abstract: tuple | None = None  # (graphdef, abstract TrainState) of the run's config
     kept: list[int] | None = None  # steps permanent under the config they were saved with (in place)
 
@@ -250,7 +251,7 @@ def plan(target: ResumeTarget, config_path: str | None, overrides: list[str], st
     docstring); raises ConfigError with what to pass instead when anything does not fit. A run
     continued in place has incomplete newer step directories moved aside (so its lock must be held);
     ``dry_run`` changes nothing on disk (they are only named)."""
-    from bitnet_jax.checkpoint import open_step
+    from bitnet_jax.open_step import open_step
     from bitnet_jax.state_tree import abstract_tree
     from bitnet_jax.train_state import abstract_state
 

@@ -40,8 +40,8 @@ class CheckpointError(ConfigError):
 
 class CheckpointDamaged(CheckpointError):
     """The files of one step cannot be read back: a file is missing or truncated, or a JSON / OCDBT /
-    zstd decode fails (see ``checkpoint.damage_reason``). Only this error lets a read of the newest
-    step (``checkpoint.open_step``) fall back to an older step, and only a step that raised it is
+    zstd decode fails (see ``damage.damage_reason``). Only this error lets a read of the newest
+    step (``open_step.open_step``) fall back to an older step, and only a step that raised it is
     moved aside. Anything else (out of memory, a sharding mismatch, a transient file-system error, a
     bug) is re-raised as it is and leaves the checkpoint alone."""
 
@@ -158,11 +158,6 @@ def inspect_step(step_dir: str | Path) -> SavedStep:
     return SavedStep(step, step_dir, None, meta)
 
 
-def step_problem(step_dir: str | Path) -> str | None:
-    """Why ``step_dir`` is not a usable checkpoint (missing or unreadable files), or None."""
-    return inspect_step(step_dir).problem
-
-
 def _step_dirs(run_dir: str | Path) -> dict[int, Path]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
@@ -173,11 +168,6 @@ def _step_dirs(run_dir: str | Path) -> dict[int, Path]:
 def scan_steps(run_dir: str | Path) -> dict[int, SavedStep]:
     """Every step folder (bare integer name) of ``run_dir``, sorted by step, each inspected once."""
     return {step: inspect_step(path) for step, path in sorted(_step_dirs(run_dir).items())}
-
-
-def step_problems(run_dir: str | Path) -> dict[int, str | None]:
-    """Every step folder, sorted: step -> its ``step_problem`` (None: complete)."""
-    return {step: saved.problem for step, saved in scan_steps(run_dir).items()}
 
 
 def complete_steps(run_dir: str | Path, warn: bool = False,

@@ -15,6 +15,18 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def tiny_train_args(steps: int, checkpoint_every: int) -> list[str]:
+    """train.py's arguments for a small end-to-end run on CPU (tests/test_resume.py,
+    tests/test_faults_checkpoint.py): configs/tiny.yaml shrunk further, ``steps`` steps, a checkpoint
+    every ``checkpoint_every``; no eval, periodic metrics, samples or progress bar."""
+    return ["--config", str(REPO_ROOT / "configs" / "tiny.yaml"),
+            "--set", f"train.steps={steps}", "--set", f"checkpoint.every={checkpoint_every}",
+            "--set", "optim.warmup_steps=5", "--set", "model.hidden_size=64", "--set", "model.intermediate_size=128",
+            "--set", "train.batch_size=4", "--set", "train.seq_len=32", "--set", "eval.every=0",
+            "--set", "log.progress=false", "--set", "log.metrics_every=0", "--set", "log.samples_every=0",
+            "--no-eval"]
+
+
 def shared_data_dir() -> Path | None:
     """``$BITNET_TEST_DATA`` or ``../shared/data`` beside the repository, if present."""
     env = os.environ.get("BITNET_TEST_DATA")

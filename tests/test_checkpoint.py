@@ -213,7 +213,7 @@ def test_damage_that_only_reading_finds_raises_checkpoint_damaged(tmp_path, plac
     cfg, _, state, shardings = placed
     save_steps(tmp_path, cfg, state, [5])
     damage(tmp_path / "checkpoints" / "5", how)
-    assert rd.step_problem(tmp_path / "checkpoints" / "5") is None  # structurally complete
+    assert rd.inspect_step(tmp_path / "checkpoints" / "5").problem is None  # structurally complete
     _, abstract = train_state.abstract_state(cfg)
     mngr = ck.CheckpointManager(tmp_path, cfg, read_only=True)
     with pytest.raises(rd.CheckpointDamaged, match=r"checkpoints/5 is damaged"):

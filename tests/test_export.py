@@ -18,7 +18,7 @@ from flax import nnx
 from bitnet_jax.config import Config, ModelConfig, TokenizerConfig
 from bitnet_jax.data import load_tokenizer
 from bitnet_jax.export import ExportError, export_model, main
-from bitnet_jax.hf import pack_ternary, unpack_ternary
+from bitnet_jax.hf import VALUES_PER_BYTE, pack_ternary
 from bitnet_jax.model import BitNetLM
 from bitnet_jax.quant import ternary
 
@@ -74,6 +74,12 @@ def _load_hf(path, **kwargs):
 
 
 # --------------------------------------------------------------------------- packing
+
+def unpack_ternary(packed: np.ndarray) -> np.ndarray:
+    """Inverse of ``hf.pack_ternary``: uint8 ``[out / 4, in]`` -> int8 ``[out, in]`` in {-1, 0, 1}."""
+    blocks = [((packed >> (2 * k)) & 3).astype(np.int8) - 1 for k in range(VALUES_PER_BYTE)]
+    return np.concatenate(blocks, axis=0)
+
 
 def test_pack_ternary_equals_transformers_pack_weights():
     from transformers.integrations.bitnet import pack_weights

@@ -21,13 +21,11 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import tiny_train_args
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
-TINY = ["--config", str(REPO / "configs" / "tiny.yaml"),
-        "--set", f"train.steps={STEPS}", "--set", "checkpoint.every=4", "--set", "optim.warmup_steps=5",
-        "--set", "model.hidden_size=64", "--set", "model.intermediate_size=128", "--set", "train.batch_size=4",
-        "--set", "train.seq_len=32", "--set", "eval.every=0", "--set", "log.progress=false",
-        "--set", "log.metrics_every=0", "--set", "log.samples_every=0", "--no-eval"]
+TINY = tiny_train_args(STEPS, checkpoint_every=4)
 
 pytestmark = pytest.mark.slow
 

@@ -23,12 +23,10 @@ import pytest
 from bitnet_jax.eventfile import EventLog
 from bitnet_jax.run_lock import LOCK_FILE
 
-REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--set", "model.hidden_size=64", "--set", "model.intermediate_size=128", "--set", "train.batch_size=4",
-         "--set", "train.seq_len=32", "--set", "eval.every=0", "--set", "log.progress=false",
-         "--set", "log.metrics_every=0", "--set", "log.samples_every=0", "--no-eval"]
-LONG = ["--config", str(REPO / "configs" / "tiny.yaml"), "--set", "train.steps=100000",
-        "--set", "optim.warmup_steps=5", "--set", "checkpoint.every=4", *SMALL]
+from conftest import REPO_ROOT as REPO
+from conftest import tiny_train_args
+
+LONG = tiny_train_args(100_000, checkpoint_every=4)  # far more steps than the test lets it take
 
 pytestmark = pytest.mark.slow
 

@@ -25,14 +25,11 @@ import pytest
 
 from bitnet_jax.checkpoint import load_params
 from bitnet_jax.run_dir import complete_steps
+from conftest import tiny_train_args
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 100
-TINY = ["--config", str(REPO / "configs" / "tiny.yaml"),
-        "--set", f"train.steps={STEPS}", "--set", "optim.warmup_steps=5", "--set", "model.hidden_size=64",
-        "--set", "model.intermediate_size=128", "--set", "train.batch_size=4", "--set", "train.seq_len=32",
-        "--set", "eval.every=0", "--set", "checkpoint.every=10", "--set", "log.progress=false",
-        "--set", "log.metrics_every=0", "--set", "log.samples_every=0", "--no-eval"]
+TINY = tiny_train_args(STEPS, checkpoint_every=10)
 
 pytestmark = pytest.mark.slow
 

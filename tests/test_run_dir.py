@@ -57,7 +57,8 @@ def test_a_scan_parses_each_json_file_of_each_step_once(tmp_path, monkeypatch):
 def test_a_step_with_a_truncated_meta_file_is_named_and_skipped(tmp_path):
     fake_step(tmp_path, 5)
     (fake_step(tmp_path, 10) / rd.META / "metadata").write_text('{"step": ')
-    assert rd.step_problem(tmp_path / "checkpoints" / "10") == "meta/metadata is truncated or corrupt (not valid JSON)"
+    assert (rd.inspect_step(tmp_path / "checkpoints" / "10").problem
+            == "meta/metadata is truncated or corrupt (not valid JSON)")
     with pytest.warns(UserWarning, match=r"skipping checkpoint .*checkpoints/10: meta/metadata is truncated"):
         assert rd.resolve_step(tmp_path, None) == 5
     with pytest.raises(rd.CheckpointError, match=r"step 10 is not a complete checkpoint .*incomplete or damaged: "

@@ -55,7 +55,7 @@ def make_checkpoint(run_dir: Path, step: int) -> Path:
                  f"{rd.DATA}/metadata", f"{rd.META}/metadata"):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text("{}")
-    assert rd.step_problem(folder) is None, "the fake checkpoint no longer looks complete to run_dir.py"
+    assert rd.inspect_step(folder).problem is None, "the fake checkpoint no longer looks complete to run_dir.py"
     return folder
 
 
