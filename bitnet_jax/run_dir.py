@@ -293,9 +293,11 @@ def save_steps_text(cfg: Config) -> str:
 
 def _start_afresh(paths: RunPaths) -> str:
     """What to do when a run has nothing to resume from: start it again, or resume another one."""
+    from bitnet_jax.console import command  # the interpreter that runs (.venv/bin/python after make train)
+
     config = paths.config if paths.config.is_file() else "configs/<name>.yaml"
-    return (f"start it afresh with python train.py --config {config} --run-id NEW_ID, or name an older run "
-            "to resume (--resume RUN_DIR)")
+    return (f"start it afresh with {command('python', 'train.py', '--config', config, '--run-id', 'NEW_ID')}, "
+            "or name an older run to resume (--resume RUN_DIR)")
 
 
 def _no_checkpoint_yet(run_dir: Path) -> str:

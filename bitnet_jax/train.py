@@ -285,8 +285,9 @@ def print_summary(paths: RunPaths, summary: dict) -> None:
         print(f"stopped by {summary['stopped_by']} at step {summary['step']} of {summary['total_steps']}: "
               f"saved checkpoints/{summary['step']}{took}")
         if summary.get("data_ran_out"):
-            print(f"to train on, start a new run from it with more data (its stream starts afresh): --resume "
-                  f"{paths.root / 'checkpoints' / str(summary['step'])} --run-id NEW_ID --set data.data_files=... "
+            more = command("python", "train.py", "--resume", paths.root / "checkpoints" / str(summary["step"]),
+                           "--run-id", "NEW_ID", "--set", "data.data_files=...")
+            print(f"to train on, start a new run from it with more data (its stream starts afresh): {more} "
                   "(or --set data.repeat=true)")
         else:
             print(f"resume with:   {command('python', 'train.py', '--resume', paths.root)}")

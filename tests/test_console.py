@@ -3,6 +3,7 @@
 import io
 import re
 import sys
+from pathlib import Path
 
 from bitnet_jax.console import MAX_SILENCE_S, Console, command
 from bitnet_jax.hooks import StepInfo
@@ -144,3 +145,29 @@ def test_in_a_terminal_the_lines_print_above_the_progress_bar(monkeypatch):
     screen = term.screen()
     assert screen[:5] == lines + ["eval at step 10: loss 3.1000"]
     assert re.match(r"train: 100%\|.*\| 10/10 \[", screen[5]) and screen[6:] == [""]
+
+
+def test_every_command_the_summary_prints_uses_the_interpreter_that_runs(monkeypatch, tmp_path, capsys):
+    """Issue 13, item 11: after `make train` the summary's commands (watch it, resume with, and the
+    new run from the last step when the data ran out) start with .venv/bin/..., whole commands that
+    work as written without an activated venv."""
+    from bitnet_jax.run_dir import RunPaths
+    from bitnet_jax.train import print_summary
+
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "tensorboard").touch()
+    monkeypatch.setattr(sys, "executable", str(venv / "python"))
+    monkeypatch.chdir(tmp_path)
+    paths = RunPaths(Path("runs") / "r")
+    summary = {"first": (1, 8.0), "final_loss": 6.0, "step": 7, "total_steps": 20, "skipped": 0,
+               "tokens_per_step": 128, "median_step_ms": 100.0, "stopped_by": "the end of the data (data.repeat=false)",
+               "data_ran_out": True, "stop_seconds": 0.5}
+    print_summary(paths, summary)
+    out = capsys.readouterr().out.splitlines()
+    assert "watch it:      .venv/bin/tensorboard --logdir runs/r/tb   or   .venv/bin/python status.py runs/r" in out
+    assert ("to train on, start a new run from it with more data (its stream starts afresh): .venv/bin/python "
+            "train.py --resume runs/r/checkpoints/7 --run-id NEW_ID --set data.data_files=... "
+            "(or --set data.repeat=true)") in out
+    print_summary(paths, {**summary, "stopped_by": "SIGTERM", "data_ran_out": False})
+    assert "resume with:   .venv/bin/python train.py --resume runs/r" in capsys.readouterr().out.splitlines()

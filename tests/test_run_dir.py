@@ -11,6 +11,7 @@ import pytest
 
 from bitnet_jax import config as config_lib
 from bitnet_jax import run_dir as rd
+from bitnet_jax.console import command
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("jax", "jaxlib", "flax", "orbax", "optax", "tensorstore")
@@ -104,8 +105,8 @@ def test_a_run_without_a_checkpoint_yet_says_which_steps_will_have_one(tmp_path)
     message = str(info.value)
     assert message == (f"{run} has no checkpoint yet: its run saves one every 5 steps (5, 10, ...), at the stage "
                        "switch (9 and 10) and at the end (20). If it is still running, wait for the first save; "
-                       f"else start it afresh with python train.py --config {run / rd.CONFIG_FILE} --run-id NEW_ID, "
-                       "or name an older run to resume (--resume RUN_DIR)")
+                       f"else start it afresh with {command('python', 'train.py', '--config', run / rd.CONFIG_FILE)} "
+                       "--run-id NEW_ID, or name an older run to resume (--resume RUN_DIR)")
     assert "give a run directory made by train.py" not in message
     # checkpoint.every=0 and an explicit stage switch
     rerun = started_run(tmp_path / "b", checkpoint={"every": 0}, optim={"stage_switch": 15, "warmup_steps": 2})
@@ -114,7 +115,27 @@ def test_a_run_without_a_checkpoint_yet_says_which_steps_will_have_one(tmp_path)
         rd.resolve_step(rerun, 3)
 
 
+def test_start_afresh_names_the_interpreter_that_runs(tmp_path, monkeypatch):
+    """Issue 13, item 11: after `make train` (.venv/bin/python in the working directory) the printed
+    command is .venv/bin/python train.py ..., which works without an activated venv."""
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / ".venv" / "bin" / "python"))
+    monkeypatch.chdir(tmp_path)
+    run = started_run(tmp_path)
+    with pytest.raises(rd.CheckpointError) as info:
+        rd.resolve_step(Path("run"), None)
+    assert (f"else start it afresh with .venv/bin/python train.py --config run/{rd.CONFIG_FILE} --run-id NEW_ID, "
+            "or name an older run") in str(info.value)
+    fake_step(run, 5, meta={"format": "other"})  # a damaged step only: the same advice
+    (run / "checkpoints" / "5" / rd.COMMIT_FILE).unlink()
+    with pytest.raises(rd.CheckpointError, match=r"holds no complete checkpoint \(incomplete or damaged: \[5\].*; "
+                                                 r"start it afresh with \.venv/bin/python train\.py --config "), \
+            pytest.warns(rd.CheckpointWarning, match="no commit_success.txt"):
+        rd.resolve_step(run, None)
+
+
 def test_a_folder_that_is_no_run_says_so(tmp_path):
     with pytest.raises(rd.CheckpointError, match=r"holds no complete checkpoint and no config.yaml: it is not a "
                                                  r"run directory made by train.py"):
         rd.resolve_step(tmp_path, None)
+

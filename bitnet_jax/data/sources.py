@@ -38,7 +38,6 @@ _BUILDERS = {
     ".parquet": "parquet", ".csv": "csv", ".tsv": "csv",
 }
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
-_FIXTURE_HINT = "python -m bitnet_jax.data.make_fineweb_fixture OUT.parquet"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +161,10 @@ def open_rows(spec: SourceSpec):
 
 
 def hub_error(spec: SourceSpec, e: BaseException) -> DataError:
-    example = ("--set data.data_files=fineweb.parquet (build a small one with " + _FIXTURE_HINT + ")"
+    from bitnet_jax.console import command  # the interpreter that runs (.venv/bin/python after make train)
+
+    fixture = command("python", "-m", "bitnet_jax.data.make_fineweb_fixture", "OUT.parquet")
+    example = (f"--set data.data_files=fineweb.parquet (build a small one with {fixture})"
                if spec.source == "fineweb_edu" else "--set 'data.data_files=[wiki.train.raw]'")
     return DataError(
         f"cannot open the hub dataset {spec.hf_path} (config {spec.hf_name}, split {spec.split}): "
