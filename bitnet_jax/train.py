@@ -17,7 +17,7 @@ from bitnet_jax import config as config_lib
 from bitnet_jax import distributed
 from bitnet_jax import resume as resume_lib
 from bitnet_jax.config import Config, ConfigError
-from bitnet_jax.run_dir import RunPaths, prepare_run_dir
+from bitnet_jax.run_dir import NewRunFolder, RunPaths, discard_failed_start, prepare_run_dir
 from bitnet_jax.units import format_count
 
 
@@ -316,9 +316,21 @@ def record_end(paths: RunPaths | None, state: str, step: int | None, reason: str
         pass
 
 
+def record_failure(paths: RunPaths | None, fresh: NewRunFolder | None, reason: str, exit_code: int) -> None:
+    """A failed run: the folder of a new run whose start failed before its first step, with nothing
+    saved, is removed (``run_dir.discard_failed_start``: one line says so); else end.json records it."""
+    jax = sys.modules.get("jax")
+    if fresh is not None and (jax is None or jax.process_index() == 0):
+        removed = discard_failed_start(fresh)
+        if removed:
+            print(removed, file=sys.stderr)
+            return
+    record_end(paths, "failed", None, reason, exit_code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    paths = None
+    paths = fresh = None  # fresh: the folder of a new run as it was before its start
     try:
         group = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
         distributed.initialize(group)  # before any device is touched; no-op for one process
@@ -342,17 +354,20 @@ def main(argv: list[str] | None = None) -> int:
             paths = RunPaths(plan.target.run_dir)
             paths.config.write_text(config_lib.dump(cfg))
         else:
-            paths = prepare_run_dir(Path(args.runs_dir) / (args.run_id or default_run_id(cfg)), cfg)
+            root = Path(args.runs_dir) / (args.run_id or default_run_id(cfg))
+            before = NewRunFolder.before_start(root)
+            paths = prepare_run_dir(root, cfg)
+            fresh = before
         summary = train(cfg, paths, inputs, resume=plan, stop_at=args.stop_at, run_eval=not args.no_eval)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        record_end(paths, "failed", None, str(e), 2)
+        record_failure(paths, fresh, str(e), 2)
         return 2
     except KeyboardInterrupt:
         record_end(paths, "stopped", None, "a second Ctrl-C (the current step was not saved)", 130)
         raise
     except BaseException as e:
-        record_end(paths, "failed", None, f"{type(e).__name__}: {e}", 1)
+        record_failure(paths, fresh, f"{type(e).__name__}: {e}", 1)
         raise
     print_summary(paths, summary)
     state, reason, code = end_of(summary)

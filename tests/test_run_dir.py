@@ -139,3 +139,62 @@ def test_a_folder_that_is_no_run_says_so(tmp_path):
                                                  r"run directory made by train.py"):
         rd.resolve_step(tmp_path, None)
 
+
+# --------------------------------------------------------------------------- a start that failed (issue 13, item 13)
+
+def what_a_start_writes(root: Path, *, step_logged: bool = False) -> None:
+    """config.yaml (prepare_run_dir), tokenizer/, dataset_fingerprint.json and tb/ with the start's
+    layout event, and a train/ scalar once a step was logged."""
+    from tensorboardX import SummaryWriter
+
+    rd.prepare_run_dir(root, config_lib.from_dict({}))
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "tokenizer.json").write_text("{}")
+    (root / "dataset_fingerprint.json").write_text("{}")
+    with SummaryWriter(str(root / "tb")) as tb:
+        tb.add_text("config", "name: tiny", 0)
+        if step_logged:
+            tb.add_scalar("train/loss", 8.3, 1)
+
+
+def test_a_failed_start_removes_the_folder_and_the_parents_it_made(tmp_path):
+    root = tmp_path / "runs" / "r"
+    fresh = rd.NewRunFolder.before_start(root)
+    assert (fresh.root, fresh.before, fresh.made) == (root, None, tmp_path / "runs")
+    what_a_start_writes(root)
+    assert rd.discard_failed_start(fresh) == f"removed {root}: the start failed before its first step and saved nothing"
+    assert list(tmp_path.iterdir()) == []
+    # a runs/ that held other runs before stays, with them
+    (tmp_path / "runs" / "other").mkdir(parents=True)
+    fresh = rd.NewRunFolder.before_start(root)
+    what_a_start_writes(root)
+    assert rd.discard_failed_start(fresh).startswith(f"removed {root}:")
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["other"]
+
+
+def test_a_failed_start_in_an_existing_folder_removes_only_what_it_wrote(tmp_path):
+    root = tmp_path / "r"
+    (root / "notes").mkdir(parents=True)
+    (root / "notes" / "plan.txt").write_text("mine")
+    fresh = rd.NewRunFolder.before_start(root)
+    assert (fresh.before, fresh.made) == (frozenset({"notes"}), None)
+    what_a_start_writes(root)
+    assert rd.discard_failed_start(fresh) == (f"removed config.yaml, dataset_fingerprint.json, tb, tokenizer from {root}: "
+                                              "the start failed before its first step and saved nothing")
+    assert [p.name for p in root.iterdir()] == ["notes"] and (root / "notes" / "plan.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("trace", ["checkpoint", "save_begun", "damaged_step", "step_logged"])
+def test_a_failure_after_a_save_or_a_logged_step_removes_nothing(tmp_path, trace):
+    root = tmp_path / "runs" / "r"
+    fresh = rd.NewRunFolder.before_start(root)
+    what_a_start_writes(root, step_logged=trace == "step_logged")
+    if trace == "checkpoint":
+        fake_step(root, 5)
+    elif trace == "save_begun":  # an asynchronous save that had not finished
+        (root / "checkpoints" / "5.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)
+    elif trace == "damaged_step":
+        (fake_step(root, 5) / rd.COMMIT_FILE).unlink()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert rd.discard_failed_start(fresh) is None
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

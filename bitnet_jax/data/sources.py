@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,8 @@ def open_rows(spec: SourceSpec):
             kwargs["encoding"] = "utf-8"
         if spec.builder == "csv" and all(_suffix(f) == ".tsv" for f in spec.files):
             kwargs["sep"] = "\t"
+        if spec.builder == "json":  # its logged error on a malformed file repeats what our DataError says
+            logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
         try:
             return datasets.load_dataset(spec.builder, data_files={"train": list(spec.files)}, split="train",
                                          streaming=True, **kwargs)
