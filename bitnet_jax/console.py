@@ -39,14 +39,16 @@ def command(program: str, *args: object) -> str:
 
 class Console:
     """The run's voice (see the module docstring). ``enabled`` False (processes other than 0) makes
-    every method a no-op; ``bar`` shows the tqdm bar (only when stderr is a terminal)."""
+    every method a no-op; ``bar`` shows the tqdm bar (only when stderr is a terminal); ``clock``: seconds
+    of a monotonic clock (what ``MAX_SILENCE_S`` is measured on)."""
 
     def __init__(self, *, total_steps: int, start_step: int, print_every: int, enabled: bool = True,
-                 bar: bool = False):
+                 bar: bool = False, clock=time.monotonic):
         self.enabled = enabled
         self.total_steps, self.start_step, self.print_every = total_steps, start_step, print_every
         self._step_times = collections.deque(maxlen=100)  # this session's steps only
-        self._last_line = time.monotonic()
+        self._clock = clock
+        self._last_line = clock()
         self.first: tuple[int, float] | None = None  # (step, loss) of this session's first finite loss
         self.last: dict[str, float] = {}
         self.skipped = 0  # updates dropped as non-finite in this session
@@ -94,7 +96,7 @@ class Console:
             self._bar.update(info.step - self._bar.n)
             self._bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:,.0f}",
                                   stage=int(m["stage"]), refresh=False)
-        now = time.monotonic()
+        now = self._clock()
         due = self.print_every > 0 and info.step % self.print_every == 0
         if due or first or now - self._last_line >= MAX_SILENCE_S or info.step == self.total_steps:
             self._last_line = now  # the first line says at once that the step compiled and runs

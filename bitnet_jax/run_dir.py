@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -104,6 +105,64 @@ def prepare_run_dir(root: str | Path, cfg: Config) -> RunPaths:
     make_run_folder(paths.root)
     paths.config.write_text(config_lib.dump(cfg))
     return paths
+
+
+# --------------------------------------------------------------------------- a start that failed
+
+@dataclasses.dataclass(frozen=True)
+class NewRunFolder:
+    """A new run's folder as it was before its start wrote anything (``before_start``): ``before``
+    names its entries then; None: the folder did not exist, the start creates it (and ``made``, the
+    outermost of its parents that did not exist either, e.g. ``runs/``)."""
+
+    root: Path
+    before: frozenset[str] | None
+    made: Path | None = None
+
+    @classmethod
+    def before_start(cls, root: str | Path) -> NewRunFolder:
+        root = Path(root).resolve()
+        if root.is_dir():
+            return cls(root, frozenset(p.name for p in root.iterdir()))
+        made = root
+        while not made.parent.exists():
+            made = made.parent
+        return cls(root, None, made)
+
+
+def _logged_a_step(tb: Path) -> bool:
+    from bitnet_jax.eventfile import EventLog  # numpy only
+
+    log = EventLog(tb)
+    try:
+        log.update()
+    except OSError:
+        return True  # cannot tell: keep it
+    return any(tag.startswith("train/") for tag in log.tags())
+
+
+def discard_failed_start(folder: NewRunFolder) -> str | None:
+    """After a new run failed: when it saved nothing (its checkpoints/ holds no step, finished or not)
+    and logged no training step, removes what its start wrote (the folder, when the start made it;
+    else only the entries it added) and returns the line that says so. Anything else (a checkpoint, a
+    save begun, a logged step: what a run that trained leaves) is kept, and None returned."""
+    root = folder.root
+    ckpts = checkpoints_dir(root)
+    if not root.is_dir() or (ckpts.is_dir() and any(ckpts.iterdir())) or _logged_a_step(root / "tb"):
+        return None
+    made = [root] if folder.before is None else sorted(p for p in root.iterdir() if p.name not in folder.before)
+    try:
+        for p in made:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if folder.made is not None:  # the parents it made, while empty
+            for parent in root.parents:
+                if not parent.is_relative_to(folder.made) or any(parent.iterdir()):
+                    break
+                parent.rmdir()
+    except OSError as e:
+        return f"could not remove what the failed start wrote in {root}: {e}"
+    what = root if folder.before is None else f"{', '.join(p.name for p in made)} from {root}"
+    return f"removed {what}: the start failed before its first step and saved nothing"
 
 
 # --------------------------------------------------------------------------- step folders
@@ -294,9 +353,11 @@ def save_steps_text(cfg: Config) -> str:
 
 def _start_afresh(paths: RunPaths) -> str:
     """What to do when a run has nothing to resume from: start it again, or resume another one."""
+    from bitnet_jax.console import command  # the interpreter that runs (.venv/bin/python after make train)
+
     config = paths.config if paths.config.is_file() else "configs/<name>.yaml"
-    return (f"start it afresh with python train.py --config {config} --run-id NEW_ID, or name an older run "
-            "to resume (--resume RUN_DIR)")
+    return (f"start it afresh with {command('python', 'train.py', '--config', config, '--run-id', 'NEW_ID')}, "
+            "or name an older run to resume (--resume RUN_DIR)")
 
 
 def _no_checkpoint_yet(run_dir: Path) -> str:

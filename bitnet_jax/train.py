@@ -19,7 +19,7 @@ from bitnet_jax import config as config_lib
 from bitnet_jax import distributed
 from bitnet_jax import resume as resume_lib
 from bitnet_jax.config import Config, ConfigError
-from bitnet_jax.run_dir import RunPaths, make_run_folder, prepare_run_dir
+from bitnet_jax.run_dir import NewRunFolder, RunPaths, discard_failed_start, make_run_folder, prepare_run_dir
 from bitnet_jax.run_lock import RunLock, RunLocked
 from bitnet_jax.units import format_count
 
@@ -288,8 +288,9 @@ def print_summary(paths: RunPaths, summary: dict) -> None:
         print(f"stopped by {summary['stopped_by']} at step {summary['step']} of {summary['total_steps']}: "
               f"saved checkpoints/{summary['step']}{took} (it is on disk: safe to kill)")
         if summary.get("data_ran_out"):
-            print(f"to train on, start a new run from it with more data (its stream starts afresh): --resume "
-                  f"{paths.root / 'checkpoints' / str(summary['step'])} --run-id NEW_ID --set data.data_files=... "
+            more = command("python", "train.py", "--resume", paths.root / "checkpoints" / str(summary["step"]),
+                           "--run-id", "NEW_ID", "--set", "data.data_files=...")
+            print(f"to train on, start a new run from it with more data (its stream starts afresh): {more} "
                   "(or --set data.repeat=true)")
         else:
             print(f"resume with:   {command('python', 'train.py', '--resume', paths.root)}")
@@ -349,6 +350,18 @@ def interrupted_message(paths: RunPaths | None) -> str:
             f"is step {steps[-1]}: resume with {command('python', 'train.py', '--resume', paths.root)}")
 
 
+def record_failure(paths: RunPaths | None, fresh: NewRunFolder | None, reason: str, exit_code: int) -> None:
+    """A failed run: the folder of a new run whose start failed before its first step, with nothing
+    saved, is removed (``run_dir.discard_failed_start``: one line says so); else end.json records it."""
+    jax = sys.modules.get("jax")
+    if fresh is not None and (jax is None or jax.process_index() == 0):
+        removed = discard_failed_start(fresh)
+        if removed:
+            print(removed, file=sys.stderr)
+            return
+    record_end(paths, "failed", None, reason, exit_code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 the run finished or stopped with its step saved (SIGTERM, one Ctrl-C, --stop-at,
     the end of the data); 2 bad input or environment, in one line (config, data, tokenizer, a run
@@ -356,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     read or saved); 3 halted on non-finite steps (train.on_nan); 130 a second Ctrl-C; 1 a bug
     (traceback)."""
     args = parse_args(argv)
-    paths, lock = None, None
+    paths = fresh = lock = None  # fresh: the folder of a new run as it was before its start
     try:
         group = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
         distributed.initialize(group)  # before any device is touched; no-op for one process
@@ -382,14 +395,16 @@ def main(argv: list[str] | None = None) -> int:
             paths = RunPaths(plan.target.run_dir)
             paths.config.write_text(config_lib.dump(cfg))
         else:
-            root = make_run_folder(Path(args.runs_dir) / (args.run_id or default_run_id(cfg)))
-            lock = lock_run(root, group)
+            root = Path(args.runs_dir) / (args.run_id or default_run_id(cfg))
+            before = NewRunFolder.before_start(root)
+            lock = lock_run(make_run_folder(root), group)
             paths = prepare_run_dir(root, cfg)
+            fresh = before  # (only once the lock is held: a refused start must not touch the holder's run)
         summary = train(cfg, paths, inputs, resume=plan, stop_at=args.stop_at, run_eval=not args.no_eval)
     except (ConfigError, OSError) as e:  # bad input, or the disk / file system: one line, no traceback
         message = str(e) if isinstance(e, ConfigError) else f"{e} ({type(e).__name__})"
         print(f"error: {message}", file=sys.stderr)
-        record_end(paths, "failed", None, message, 2)
+        record_failure(paths, fresh, message, 2)
         return 2
     except KeyboardInterrupt:
         message = interrupted_message(paths)
@@ -397,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         record_end(paths, "stopped", None, message, 130)
         return 130
     except BaseException as e:
-        record_end(paths, "failed", None, f"{type(e).__name__}: {e}", 1)
+        record_failure(paths, fresh, f"{type(e).__name__}: {e}", 1)
         raise
     finally:
         if lock:

@@ -266,8 +266,8 @@ def test_a_malformed_row_deep_in_the_stream_names_the_data_and_what_to_do(tmp_pa
     tok = load_tokenizer(cfg.tokenizer)
     with build_train_loader(cfg, tok) as loader:
         next(loader)  # the first file trains normally
-        with pytest.raises(DataError, match=r"reading .*a\.jsonl \(\+1 more files\) failed after \d+ rows.*"
-                                            r"ArrowInvalid.*Fix or remove the bad file"):
+        with pytest.raises(DataError, match=r"reading .*a\.jsonl \(\+1 more files\) failed after \d+ rows of this "
+                                            r"epoch, in .*b\.jsonl: ArrowInvalid.*Fix or remove the bad file"):
             for _ in range(1000):
                 next(loader)
 

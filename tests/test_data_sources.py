@@ -5,6 +5,7 @@ import json
 import pytest
 
 from bitnet_jax.config import ConfigError, DataConfig
+from bitnet_jax.console import command
 from bitnet_jax.data import DataError
 from bitnet_jax.data.builtin import builtin_documents
 from bitnet_jax.data.documents import DocumentStream, is_article_title
@@ -141,6 +142,8 @@ def test_hub_unreachable_says_offline_and_how_to_use_local_files():
     msg = str(e.value)
     assert "HuggingFaceFW/fineweb-edu" in msg and "HF_HUB_OFFLINE" in msg
     assert "--set data.data_files=" in msg and "make_fineweb_fixture" in msg
+    # a whole command, with the interpreter that runs (.venv/bin/python after make train; issue 13, item 11)
+    assert f"build a small one with {command('python', '-m', 'bitnet_jax.data.make_fineweb_fixture', 'OUT.parquet')})" in msg
 
 
 def test_fixture_cli_refuses_impossible_shard_counts_and_prints_a_glob_of_its_own_files(shared_data, tmp_path, capsys):

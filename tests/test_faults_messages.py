@@ -86,14 +86,17 @@ def test_the_summary_always_counts_skipped_updates(runs):
     assert "skipped updates: 0\n" in out["clean"].stdout
 
 
-def test_resume_of_a_run_with_no_checkpoint_says_what_to_do_next(runs):
+def test_resume_of_a_run_with_no_checkpoint_says_what_to_do_next(runs, monkeypatch):
+    from bitnet_jax.console import command
+
     root, _ = runs
     proc = train("--resume", "latest", "--runs-dir", str(root), "--run-id", "halt")
     assert proc.returncode == 2
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith(f"error: {root / 'halt'} has no checkpoint yet: ")
-    assert line.endswith(f"start it afresh with python train.py --config {root / 'halt' / 'config.yaml'} --run-id "
-                         "NEW_ID, or name an older run to resume (--resume RUN_DIR)")
+    monkeypatch.chdir(REPO_ROOT)  # train.py's working directory: .venv/bin/python there after make train
+    afresh = command("python", "train.py", "--config", root / "halt" / "config.yaml", "--run-id", "NEW_ID")
+    assert line.endswith(f"start it afresh with {afresh}, or name an older run to resume (--resume RUN_DIR)")
 
 
 def test_a_heldout_set_taking_every_document_names_eval_batches_when_eval_documents_is_null(tmp_path):

@@ -17,6 +17,7 @@ from bitnet_jax.metrics import device_peak_flops
 from bitnet_jax.model import flops_per_token
 from bitnet_jax.sample_text import parse_sample_markdown, sample_tag
 from bitnet_jax.tb_layout import CUSTOM_SCALARS
+from bitnet_jax.units import format_count
 from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -44,17 +45,25 @@ def events(run_dir):
     return scalars, texts
 
 
+def train_in(cwd, *args):
+    """train.py run from ``cwd`` (e.g. the folder holding runs/, to give it relative paths)."""
+    return subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """24 steps with a poisoned batch at step 5, stopped at 12 and resumed to the end."""
-    runs = tmp_path_factory.mktemp("runs")
+    """24 steps with a poisoned batch at step 5, stopped at 12 and resumed to the end. The resume is
+    ``--resume runs/main``, relative to the folder holding runs/, its working directory."""
+    work = tmp_path_factory.mktemp("work")
+    runs = work / "runs"
     overrides = sets(TINY + ["eval.every=8", "log.metrics_every=8", "log.samples_every=12", "checkpoint.every=8",
                              "train.debug_poison_step=5", "log.peak_flops=1e12", "log.print_every=4"])
     first = train("--config", "configs/tiny.yaml", "--runs-dir", str(runs), "--run-id", "main", "--stop-at", "12",
                   *overrides)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = runs / "main"
-    second = train("--resume", str(run_dir))
+    second = train_in(work, "--resume", "runs/main")
     assert second.returncode == 0, second.stderr[-3000:]
     return run_dir, first, second
 
@@ -186,12 +195,20 @@ def test_progress_bar_is_quiet_off_a_terminal_but_the_summary_prints(run):
 def test_a_run_talks_in_a_log_while_it_trains(run):
     """stdout is a pipe here, as under nohup or SLURM: the start block, a line every log.print_every
     steps, evals, saved checkpoints and the anomaly warning all print as they happen, once each."""
+    from bitnet_jax.checkpoint import load_params
+
     run_dir, first, second = run
+    # the parameters the run trains: what its checkpoint holds, counted leaf by leaf
+    _, params, _ = load_params(run_dir, 24)
+    n = sum(np.size(v.get_value()) for _, v in nnx.to_flat_state(params))
+    assert n > 0
     for proc, start in ((first, "step 0 (new run)"), (second, f"resumed from {run_dir / 'checkpoints' / '12'} (step 12)")):
         out = proc.stdout
         for row in (f"run directory:   {run_dir}", "config:          tiny", "tokens per step: 128 (4 x 32)",
                     "devices:", "mesh {'data': 1, 'fsdp': 1}", "steps:           24", f"start:           {start}"):
             assert row in out, row
+        (shown,) = re.findall(r"^  parameters: +([\d,]+) \((\S+)\)$", out, re.M)
+        assert int(shown[0].replace(",", "")) == n and shown[1] == format_count(n), shown
     lines = lambda out: re.findall(r"^step +(\d+)/24 \| loss [\d.]+ \| lr [\d.e+-]+ \| (?:[\d,]+ tok/s \| mfu [\d.]+% "
                                    r"\| eta |first step )", out, re.M)
     # The session's first step, then every 4th; a line after 60 s of silence may come in between.
@@ -229,6 +246,40 @@ def test_generate_cli_reads_a_run_dir_relative_to_another_working_directory(run)
                          cwd=run_dir.parent, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("In Python,") and f"[{run_dir.name} step 16, greedy]" in out.stderr
+
+
+def test_status_and_resume_take_paths_relative_to_the_folder_holding_runs(run):
+    """Issue 13, item 2: from the folder holding runs/, status.py takes runs/<id>, and train.py takes
+    --resume runs/<id> (the fixture's resume) and --resume runs/<id>/checkpoints/<STEP> (a new run,
+    under the default, relative, --runs-dir runs) as written."""
+    from bitnet_jax.run_dir import complete_steps
+
+    run_dir, _, second = run
+    work = run_dir.parent.parent
+
+    def status(*args):
+        out = subprocess.run([sys.executable, str(REPO_ROOT / "status.py"), *args], cwd=work, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    assert f"resumed from {run_dir / 'checkpoints' / '12'} (step 12)" in second.stdout  # --resume runs/main
+    st = json.loads(status("runs/main", "--json"))
+    assert (st["state"], st["step"], st["total_steps"], st["checkpoints"]) == ("finished", 24, 24, complete_steps(run_dir))
+    assert status("runs/main").splitlines()[0] == "Training Status: main   [finished]"
+
+    branch = train_in(work, "--resume", "runs/main/checkpoints/16", "--run-id", "branch", "--stop-at", "17", "--no-eval")
+    assert branch.returncode == 0, branch.stderr[-3000:]
+    branch_dir = work / "runs" / "branch"
+    assert f"run directory:   {branch_dir}" in branch.stdout
+    assert f"start:           resumed from {run_dir / 'checkpoints' / '16'} (step 16)" in branch.stdout
+    assert complete_steps(branch_dir) == [17]
+    records = json.loads((branch_dir / "provenance.json").read_text())["records"]
+    assert [r["resumed_from_step"] for r in records] == [16]
+    # the same state and data position as the original run at step 16: the same step 17, bit for bit
+    assert events(branch_dir)[0]["train/loss"] == {17: events(run_dir)[0]["train/loss"][17]}
+    st = json.loads(status("runs/branch", "--json"))
+    assert (st["state"], st["step"], st["checkpoints"]) == ("stopped", 17, [17])
 
 
 def test_halt_on_nan_stops_without_saving_the_bad_step(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from bitnet_jax import config as config_lib
 from bitnet_jax import run_dir as rd
+from bitnet_jax.console import command
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("jax", "jaxlib", "flax", "orbax", "optax", "tensorstore")
@@ -105,8 +106,8 @@ def test_a_run_without_a_checkpoint_yet_says_which_steps_will_have_one(tmp_path)
     message = str(info.value)
     assert message == (f"{run} has no checkpoint yet: its run saves one every 5 steps (5, 10, ...), at the stage "
                        "switch (9 and 10) and at the end (20). If it is still running, wait for the first save; "
-                       f"else start it afresh with python train.py --config {run / rd.CONFIG_FILE} --run-id NEW_ID, "
-                       "or name an older run to resume (--resume RUN_DIR)")
+                       f"else start it afresh with {command('python', 'train.py', '--config', run / rd.CONFIG_FILE)} "
+                       "--run-id NEW_ID, or name an older run to resume (--resume RUN_DIR)")
     assert "give a run directory made by train.py" not in message
     # checkpoint.every=0 and an explicit stage switch
     rerun = started_run(tmp_path / "b", checkpoint={"every": 0}, optim={"stage_switch": 15, "warmup_steps": 2})
@@ -115,7 +116,86 @@ def test_a_run_without_a_checkpoint_yet_says_which_steps_will_have_one(tmp_path)
         rd.resolve_step(rerun, 3)
 
 
+def test_start_afresh_names_the_interpreter_that_runs(tmp_path, monkeypatch):
+    """Issue 13, item 11: after `make train` (.venv/bin/python in the working directory) the printed
+    command is .venv/bin/python train.py ..., which works without an activated venv."""
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / ".venv" / "bin" / "python"))
+    monkeypatch.chdir(tmp_path)
+    run = started_run(tmp_path)
+    with pytest.raises(rd.CheckpointError) as info:
+        rd.resolve_step(Path("run"), None)
+    assert (f"else start it afresh with .venv/bin/python train.py --config run/{rd.CONFIG_FILE} --run-id NEW_ID, "
+            "or name an older run") in str(info.value)
+    fake_step(run, 5, meta={"format": "other"})  # a damaged step only: the same advice
+    (run / "checkpoints" / "5" / rd.COMMIT_FILE).unlink()
+    with pytest.raises(rd.CheckpointError, match=r"holds no complete checkpoint \(incomplete or damaged: \[5\].*; "
+                                                 r"start it afresh with \.venv/bin/python train\.py --config "), \
+            pytest.warns(rd.CheckpointWarning, match="no commit_success.txt"):
+        rd.resolve_step(run, None)
+
+
 def test_a_folder_that_is_no_run_says_so(tmp_path):
     with pytest.raises(rd.CheckpointError, match=r"holds no complete checkpoint and no config.yaml: it is not a "
                                                  r"run directory made by train.py"):
         rd.resolve_step(tmp_path, None)
+
+
+# --------------------------------------------------------------------------- a start that failed (issue 13, item 13)
+
+def what_a_start_writes(root: Path, *, step_logged: bool = False) -> None:
+    """config.yaml (prepare_run_dir), tokenizer/, dataset_fingerprint.json and tb/ with the start's
+    layout event, and a train/ scalar once a step was logged."""
+    from tensorboardX import SummaryWriter
+
+    rd.prepare_run_dir(root, config_lib.from_dict({}))
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "tokenizer.json").write_text("{}")
+    (root / "dataset_fingerprint.json").write_text("{}")
+    with SummaryWriter(str(root / "tb")) as tb:
+        tb.add_text("config", "name: tiny", 0)
+        if step_logged:
+            tb.add_scalar("train/loss", 8.3, 1)
+
+
+def test_a_failed_start_removes_the_folder_and_the_parents_it_made(tmp_path):
+    root = tmp_path / "runs" / "r"
+    fresh = rd.NewRunFolder.before_start(root)
+    assert (fresh.root, fresh.before, fresh.made) == (root, None, tmp_path / "runs")
+    what_a_start_writes(root)
+    assert rd.discard_failed_start(fresh) == f"removed {root}: the start failed before its first step and saved nothing"
+    assert list(tmp_path.iterdir()) == []
+    # a runs/ that held other runs before stays, with them
+    (tmp_path / "runs" / "other").mkdir(parents=True)
+    fresh = rd.NewRunFolder.before_start(root)
+    what_a_start_writes(root)
+    assert rd.discard_failed_start(fresh).startswith(f"removed {root}:")
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["other"]
+
+
+def test_a_failed_start_in_an_existing_folder_removes_only_what_it_wrote(tmp_path):
+    root = tmp_path / "r"
+    (root / "notes").mkdir(parents=True)
+    (root / "notes" / "plan.txt").write_text("mine")
+    fresh = rd.NewRunFolder.before_start(root)
+    assert (fresh.before, fresh.made) == (frozenset({"notes"}), None)
+    what_a_start_writes(root)
+    assert rd.discard_failed_start(fresh) == (f"removed config.yaml, dataset_fingerprint.json, tb, tokenizer from {root}: "
+                                              "the start failed before its first step and saved nothing")
+    assert [p.name for p in root.iterdir()] == ["notes"] and (root / "notes" / "plan.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("trace", ["checkpoint", "save_begun", "damaged_step", "step_logged"])
+def test_a_failure_after_a_save_or_a_logged_step_removes_nothing(tmp_path, trace):
+    root = tmp_path / "runs" / "r"
+    fresh = rd.NewRunFolder.before_start(root)
+    what_a_start_writes(root, step_logged=trace == "step_logged")
+    if trace == "checkpoint":
+        fake_step(root, 5)
+    elif trace == "save_begun":  # an asynchronous save that had not finished
+        (root / "checkpoints" / "5.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)
+    elif trace == "damaged_step":
+        (fake_step(root, 5) / rd.COMMIT_FILE).unlink()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert rd.discard_failed_start(fresh) is None
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

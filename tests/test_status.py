@@ -17,6 +17,7 @@ from tensorboardX import SummaryWriter
 
 from bitnet_jax import run_dir as rd
 from bitnet_jax import config as config_lib
+from bitnet_jax.console import command
 from bitnet_jax.status import (
     PlotUnavailable,
     Run,
@@ -392,8 +393,10 @@ def test_missing_empty_and_parent_directories_are_clear_errors(tmp_path):
     with pytest.raises(RunDirError, match="is empty"):
         Run(tmp_path / "empty")
     run_dir = make_run(tmp_path, logged=0)
-    with pytest.raises(RunDirError, match=f"holds 1 run.*{run_dir.name}"):
+    with pytest.raises(RunDirError, match=f"holds 1 run.*{run_dir.name}") as info:
         Run(run_dir.parent)
+    # the hint is a whole command, with the interpreter that runs (issue 13, item 11)
+    assert str(info.value).endswith(f"e.g. {command('python', 'status.py', run_dir)}")
 
 
 # --------------------------------------------------------------------------- plot

@@ -1,5 +1,6 @@
 """End-to-end runs of train.py in a subprocess: dry run, a short real run read back from TensorBoard."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+from bitnet_jax.console import command
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = ["--set", "train.steps=24", "--set", "optim.warmup_steps=4", "--set", "eval.every=12",
@@ -84,7 +87,7 @@ def test_short_run_writes_config_and_every_step_scalars(tmp_path):
 
 
 @pytest.mark.slow
-def test_running_out_of_data_saves_and_stops_cleanly(tmp_path, shared_data):
+def test_running_out_of_data_saves_and_stops_cleanly(tmp_path, shared_data, monkeypatch):
     """data.repeat=false: when the source is used up, the run saves its last step and exits 0 saying
     why, instead of dying with everything since the last checkpoint lost."""
     text = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
@@ -101,7 +104,36 @@ def test_running_out_of_data_saves_and_stops_cleanly(tmp_path, shared_data):
     assert 0 < last < 200
     assert (tmp_path / "r" / "checkpoints" / str(last)).is_dir()
     assert "resume with" not in out.stdout  # resuming in place would stop again at once
-    assert f"--resume {tmp_path / 'r' / 'checkpoints' / str(last)} --run-id NEW_ID" in out.stdout
+    # a whole command, with the interpreter that ran (.venv/bin/python after make train; issue 13, item 11)
+    monkeypatch.chdir(REPO)  # the run's working directory
+    more = command("python", "train.py", "--resume", tmp_path / "r" / "checkpoints" / str(last), "--run-id", "NEW_ID",
+                   "--set", "data.data_files=...")
+    assert f"(its stream starts afresh): {more} (or --set data.repeat=true)\n" in out.stdout
+
+
+def test_a_new_run_whose_data_fails_in_the_training_stream_leaves_no_folder(tmp_path):
+    """Issue 13, item 13: the held-out set (a.jsonl's first document) and the document after it read
+    fine, so the start makes the run folder; the training stream then reads the malformed b.jsonl
+    first. The run exits 2 with one error line, says in one line that it removed what its start made
+    (the run folder, and runs/ it created), and leaves nothing behind."""
+    data = tmp_path / "data"
+    data.mkdir()
+    held_out = json.dumps({"text": "The first document is held out for evaluation. " * 40})
+    (data / "a.jsonl").write_text(held_out + "\n" + json.dumps({"text": "A short one."}) + "\n", encoding="utf-8")
+    (data / "b.jsonl").write_text(json.dumps({"text": "Another short one."}) + "\n{not json\n", encoding="utf-8")
+    out = run_train("--config", str(REPO / "configs" / "tiny.yaml"), "--run-id", "r", "--set", "data.source=local",
+                    "--set", "data.data_files=[data/a.jsonl, data/b.jsonl]", "--set", "data.tokenize_batch=1",
+                    "--set", "train.batch_size=4", "--set", "train.seq_len=32", "--set", "eval.batches=1",
+                    "--set", "train.steps=4", "--set", "optim.warmup_steps=1", cwd=tmp_path, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    run_dir = (tmp_path / "runs" / "r").resolve()
+    assert out.stderr.splitlines() == [
+        f"error: reading {data / 'a.jsonl'} (+1 more files) failed after 2 rows of this epoch, in {data / 'b.jsonl'}: "
+        "ArrowInvalid: JSON "
+        "parse error: Missing a name for object member. in row 1. Fix or remove the bad file (for a hub dataset, "
+        "check the network and resume)",
+        f"removed {run_dir}: the start failed before its first step and saved nothing"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no runs/r, and no runs/ either
 
 
 # Runs a script as in a venv without torch: the path finder no longer sees torch, so `import torch`

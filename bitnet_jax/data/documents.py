@@ -110,9 +110,10 @@ class DocumentStream:
             except DataError:
                 raise
             except Exception as e:  # a malformed json/csv/parquet row, a dropped connection: say where
-                raise DataError(f"reading {self._what()} failed after {read} rows of this epoch: "
-                                f"{type(e).__name__}: {e}. Fix or remove the bad file (for a hub dataset, "
-                                "check the network and resume)") from e
+                bad = self._file_being_read(ds)
+                raise DataError(f"reading {self._what()} failed after {read} rows of this epoch"
+                                f"{f', in {bad}' if bad else ''}: {type(e).__name__}: {e}. Fix or remove the bad "
+                                "file (for a hub dataset, check the network and resume)") from e
             read += 1
             if not checked:
                 if column not in row:
@@ -126,6 +127,19 @@ class DocumentStream:
                                 f"{type(text).__name__} values, not text; choose a text column")
             yield text, before
             before = None
+
+    def _file_being_read(self, ds) -> str | None:
+        """The file of ``spec.files`` that ``ds`` was reading: the shard its state names, when each
+        file is one shard (not after a split by process), else None."""
+        try:
+            state, shards = ds.state_dict(), ds.n_shards
+        except Exception:
+            return None
+        while isinstance(state, dict) and "shard_idx" not in state:
+            state = state.get("examples_iterable")
+        index = state.get("shard_idx") if isinstance(state, dict) else None
+        files = self.spec.files
+        return files[index] if isinstance(index, int) and len(files) == shards and 0 <= index < len(files) else None
 
     def _what(self) -> str:
         if self.spec.files:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,6 @@ _BUILDERS = {
     ".parquet": "parquet", ".csv": "csv", ".tsv": "csv",
 }
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
-_FIXTURE_HINT = "python -m bitnet_jax.data.make_fineweb_fixture OUT.parquet"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +149,8 @@ def open_rows(spec: SourceSpec):
             kwargs["encoding"] = "utf-8"
         if spec.builder == "csv" and all(_suffix(f) == ".tsv" for f in spec.files):
             kwargs["sep"] = "\t"
+        if spec.builder == "json":  # its logged error on a malformed file repeats what our DataError says
+            logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
         try:
             return datasets.load_dataset(spec.builder, data_files={"train": list(spec.files)}, split="train",
                                          streaming=True, **kwargs)
@@ -162,7 +164,10 @@ def open_rows(spec: SourceSpec):
 
 
 def hub_error(spec: SourceSpec, e: BaseException) -> DataError:
-    example = ("--set data.data_files=fineweb.parquet (build a small one with " + _FIXTURE_HINT + ")"
+    from bitnet_jax.console import command  # the interpreter that runs (.venv/bin/python after make train)
+
+    fixture = command("python", "-m", "bitnet_jax.data.make_fineweb_fixture", "OUT.parquet")
+    example = (f"--set data.data_files=fineweb.parquet (build a small one with {fixture})"
                if spec.source == "fineweb_edu" else "--set 'data.data_files=[wiki.train.raw]'")
     return DataError(
         f"cannot open the hub dataset {spec.hf_path} (config {spec.hf_name}, split {spec.split}): "

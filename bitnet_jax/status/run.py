@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from bitnet_jax.console import command  # the interpreter that runs (numpy, no jax)
 from bitnet_jax.run_dir import complete_steps  # files only: status never imports jax or Orbax
 from bitnet_jax.end_record import EndRecord, EndRecordError, read_end_record
 from bitnet_jax.eventfile import EventLog, is_event_file
@@ -45,7 +46,8 @@ def check_run_dir(path: Path) -> None:
     runs = sorted((p for p in entries if p.is_dir() and _looks_like_run(p)), key=lambda p: p.stat().st_mtime)
     if runs:
         raise RunDirError(
-            f"{path} holds {len(runs)} run(s), not a single run; pass one of them, e.g. status.py {runs[-1]}"
+            f"{path} holds {len(runs)} run(s), not a single run; pass one of them, e.g. "
+            f"{command('python', 'status.py', runs[-1])}"
         )
     raise RunDirError(f"{path} is not a run directory: it has none of {', '.join(RUN_FILES)} "
                       "(expected runs/<run_id>/ as written by train.py)")
