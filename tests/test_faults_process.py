@@ -113,6 +113,12 @@ def test_kill_9_after_a_commit_a_stale_lock_a_second_trainer_and_a_double_ctrl_c
     assert set(range(1, 9)) <= set(logged_steps(run_dir))
     holder = json.loads((run_dir / LOCK_FILE).read_text())
     assert (holder["pid"], holder["host"]) == (first.proc.pid, socket.gethostname())  # left behind by kill -9
+    # status.py tells a trainer that is gone (its lock left behind, no end record) from a quiet one
+    killed = json.loads(run("status.py", str(run_dir), "--json").stdout)
+    assert (killed["state"], killed["trainer"]) == ("killed", {"pid": first.proc.pid, "host": socket.gethostname(),
+                                                               "alive": False})
+    assert f"its trainer (process {first.proc.pid} on {socket.gethostname()}) is gone" in run(
+        "status.py", str(run_dir)).stdout
 
     # the resume takes the stale lock over, and says so
     second = Trainer("--resume", str(run_dir), "--set", "checkpoint.every=1000", "--no-eval")
@@ -130,8 +136,8 @@ def test_kill_9_after_a_commit_a_stale_lock_a_second_trainer_and_a_double_ctrl_c
     assert "Traceback" not in refused.stdout + refused.stderr
     # status.py reads the live run without taking (or touching) the lock
     lock_before = (run_dir / LOCK_FILE).read_bytes()
-    status = run("status.py", str(run_dir), "--json")
-    assert json.loads(status.stdout)["checkpoints"]
+    live = json.loads(run("status.py", str(run_dir), "--json").stdout)
+    assert (live["state"], live["trainer"]["pid"], live["trainer"]["alive"]) == ("running", second.proc.pid, True)
     assert (run_dir / LOCK_FILE).read_bytes() == lock_before
 
     # Ctrl-C: the run says it will save and stop; a second Ctrl-C stops it at once, in one line

@@ -24,7 +24,7 @@ MIN_STALE_S = 60.0  # ... but never sooner: event writers buffer, a live run can
 # Before the first step (compiling, loading data) the run may be quiet this long; a run folder with
 # no step, no checkpoint and nothing written for longer is "not started" (its start failed).
 START_WINDOW_S = 600.0
-ENDED_STATES = ("finished", "halted", "stopped", "failed")  # the trainer has exited (end.json)
+ENDED_STATES = ("finished", "halted", "stopped", "failed", "killed")  # the trainer has exited
 HOOK_INTERVAL_KEYS = {  # time/<hook>_ms -> the config key of its interval, when it ran too few times
     "eval": "eval.every",
     "samples": "log.samples_every",
@@ -164,11 +164,14 @@ def _damage_notes(run: Run) -> list[str]:
 
 
 def _state(finished: bool, end, step: int | None, has_checkpoints: bool, since_update: float | None,
-           stale_after: float) -> str:
+           stale_after: float, trainer: dict | None = None) -> str:
     """The run's state, first rule that applies:
 
     - the trainer's end record (end.json, not older than the newest event): its state;
     - the last logged step is train.steps: ``finished``;
+    - the lock names a trainer on this host whose process is gone: ``killed`` (kill -9, the
+      out-of-memory killer, a reboot: it ended without a word); one whose process is alive:
+      ``running``, however long it has been quiet (compiling, a long eval);
     - no step logged, no checkpoint, and nothing written for ``stale_after`` (START_WINDOW_S unless
       given): ``not started`` (a start that failed, or was stopped, before its first step);
     - nothing written for ``stale_after``: ``stale``;
@@ -178,6 +181,8 @@ def _state(finished: bool, end, step: int | None, has_checkpoints: bool, since_u
         return end.state
     if finished:
         return "finished"
+    if trainer is not None and trainer["alive"] is not None:
+        return "running" if trainer["alive"] else "killed"
     quiet = since_update is not None and since_update > stale_after
     if quiet and step is None and not has_checkpoints:
         return "not started"
@@ -247,10 +252,11 @@ def build_status(run: Run, now: float | None = None, stale_after: float | None =
     if end is not None and not end.is_current(log.last_wall_time):
         end = None  # written by an earlier process: the run was started again since
     ckpts, saving = run.checkpoints()
-    state = _state(finished, end, step, bool(ckpts), since_update, stale_after)
+    trainer = run.trainer() if end is None else None
+    state = _state(finished, end, step, bool(ckpts), since_update, stale_after, trainer)
     # With no trainer alive on the run (it ended, or has written nothing for a while), a tmp folder is a
     # save cut off half-way (kill -9, a full disk), not one in progress: the next resume removes it.
-    abandoned = saving if end is not None or state in ("finished", "stale", "not started") else []
+    abandoned = saving if end is not None or state in ("finished", "stale", "not started", "killed") else []
     saving = [s for s in saving if s not in abandoned]
     if state == "finished":
         eta = 0.0
@@ -289,5 +295,6 @@ def build_status(run: Run, now: float | None = None, stale_after: float | None =
         "checkpoints_abandoned": abandoned,
         "end": None if end is None else {"state": end.state, "step": end.step, "reason": end.reason,
                                          "exit_code": end.exit_code, "time": end.time},
+        "trainer": None if trainer is None else {k: trainer.get(k) for k in ("pid", "host", "alive")},
         "notes": notes,
     }

@@ -9,6 +9,7 @@ from typing import Any
 
 from bitnet_jax.console import command  # the interpreter that runs (numpy, no jax)
 from bitnet_jax.run_dir import complete_steps  # files only: status never imports jax or Orbax
+from bitnet_jax.run_lock import read_holder  # read only: status never takes the lock
 from bitnet_jax.end_record import EndRecord, EndRecordError, read_end_record
 from bitnet_jax.eventfile import EventLog, is_event_file
 from bitnet_jax.config import LenientConfig
@@ -105,6 +106,11 @@ class Run:
             return read_end_record(self.path), None
         except EndRecordError as e:
             return None, f"{e}: ignored"
+
+    def trainer(self) -> dict | None:
+        """Who holds the run's lock (``run_lock.read_holder``: pid, host, and ``alive`` when it can be
+        told from this host); None when no trainer holds it."""
+        return read_holder(self.path)
 
     def newest_file_time(self) -> float | None:
         """The newest modification time among the files a starting run writes before its first step."""

@@ -36,6 +36,10 @@ def _steps_list(steps: list[int], keep: int = 8) -> str:
 def _state_line(st: dict[str, Any]) -> str | None:
     """The line under the title that says why the run is not simply running, if it is not."""
     state, end = st["state"], st.get("end")
+    if state == "killed":
+        who = st["trainer"]
+        return (f"  its trainer (process {who['pid']} on {who['host']}) is gone without a word (kill -9, out of "
+                "memory, a reboot?); resume it to go on")
     if state == "stale":
         return f"  no new event for {format_duration(st['seconds_since_update'])}: is the trainer still running?"
     if state == "not started":
