@@ -56,7 +56,7 @@ def main() -> int:
         run_dir = Path(tmp) / "r"
         steps = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
         os.environ.update(JAX_PLATFORMS="cpu")
-        import bitnet_jax.checkpoint, bitnet_jax.config, bitnet_jax.resume, bitnet_jax.train  # noqa: E401,F401
+        import bitnet_jax.checkpoint, bitnet_jax.config, bitnet_jax.resume, bitnet_jax.train_cli  # noqa: E401,F401
         import bitnet_jax.train_state  # noqa: F401
         for extra in ("bitnet_jax.run_dir",):
             try:
@@ -76,7 +76,7 @@ def main() -> int:
                     opens[p.parent.parent.name] += 1
 
         sys.addaudithook(audit)
-        code = bitnet_jax.train.main(["--resume", str(run_dir), "--stop-at", "8", "--no-eval"])
+        code = bitnet_jax.train_cli.main(["--resume", str(run_dir), "--stop-at", "8", "--no-eval"])
         active[0] = False
         assert code == 0
         print(f"steps on disk before the resume: {steps}")

@@ -464,7 +464,7 @@ def incomplete_newer_step(tmp_path, cfg, state):
 
 
 def test_dry_run_names_incomplete_steps_without_moving_them(tmp_path, placed, capsys):
-    from bitnet_jax.train import main
+    from bitnet_jax.train_cli import main
 
     cfg, _, state, _ = placed
     incomplete_newer_step(tmp_path, cfg, state)
@@ -509,7 +509,7 @@ def test_resume_from_an_older_step_in_place_is_refused(tmp_path, placed):
 
 
 def test_starting_a_run_dir_with_checkpoints_again_is_refused_before_writing(tmp_path, placed):
-    from bitnet_jax.train import main
+    from bitnet_jax.train_cli import main
 
     cfg, _, state, _ = placed
     run = tmp_path / "r1"

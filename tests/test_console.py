@@ -152,7 +152,7 @@ def test_every_command_the_summary_prints_uses_the_interpreter_that_runs(monkeyp
     new run from the last step when the data ran out) start with .venv/bin/..., whole commands that
     work as written without an activated venv."""
     from bitnet_jax.run_dir import RunPaths
-    from bitnet_jax.train import print_summary
+    from bitnet_jax.train_cli import print_summary
 
     venv = tmp_path / ".venv" / "bin"
     venv.mkdir(parents=True)

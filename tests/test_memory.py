@@ -48,7 +48,7 @@ def test_auto_attention_is_estimated_as_what_it_runs_on_each_backend(cfg_95m):
 
 
 def test_the_dry_run_prints_the_estimate_for_this_backend_and_for_a_gpu(cfg_95m, capsys):
-    from bitnet_jax.train import dry_run
+    from bitnet_jax.train_cli import dry_run
 
     dry_run(cfg_95m)
     out = capsys.readouterr().out

@@ -212,7 +212,7 @@ def audit(event, args):  # every open by Python code, Orbax's included
         if (path.parent.name, path.name) == ("meta", "metadata") and not set("wax+") & set(args[1]):
             opened[str(path.resolve())] += 1
 sys.addaudithook(audit)
-from bitnet_jax.train import main
+from bitnet_jax.train_cli import main
 code = main(sys.argv[1:])
 print("COUNTS " + json.dumps({"code": code, "parsed": parsed, "opened": opened}), flush=True)
 '''
