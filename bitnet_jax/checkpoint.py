@@ -58,8 +58,10 @@ class CheckpointManager:
     copy of the state; a background thread hands that private copy to Orbax, whose device-to-host
     transfer (synchronous inside Orbax: hundreds of ms for the 95M state on an H100) then overlaps
     the next train steps, which are free to donate the original buffers. Orbax writes the files in
-    its own background thread. At most one snapshot waits behind the save in progress. ``wait``
-    blocks until the newest save is on disk; call ``close`` at the end (it waits too)."""
+    its own background thread, and the save thread waits for those writes, so that a write that
+    fails is seen at the next step. A save waits for the previous one to be on disk (one snapshot
+    in flight at a time: seconds for the 95M state, against minutes between saves). ``wait`` blocks
+    until the newest save is on disk; call ``close`` at the end (it waits too)."""
 
     def __init__(self, run_dir: str | Path, cfg: Config, read_only: bool = False,
                  kept: Sequence[int] | None = None):

@@ -256,6 +256,9 @@ def run_cli() -> None:
         code = main()
     except SystemExit as e:  # argparse: --help, a usage error (it has printed why)
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except KeyboardInterrupt:  # a Ctrl-C after the run's own handling (its summary was being printed)
+        print("\ninterrupted (Ctrl-C) after the run ended", file=sys.stderr)
+        code = 130
     except BaseException:
         traceback.print_exc()
         code = 1

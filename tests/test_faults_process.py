@@ -122,7 +122,7 @@ def test_kill_9_after_a_commit_a_stale_lock_a_second_trainer_and_a_double_ctrl_c
 
     # the resume takes the stale lock over, and says so
     second = Trainer("--resume", str(run_dir), "--set", "checkpoint.every=1000", "--no-eval")
-    line = second.wait_for_line("note: ")
+    line = second.wait_for_line("which is gone")
     assert f"locked by process {first.proc.pid} on {socket.gethostname()}" in line and "which is gone" in line
     second.wait_for_line("| loss ")  # its first progress line: it trains, Ctrl-C is handled from here
     assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == second.proc.pid
