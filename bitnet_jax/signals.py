@@ -6,20 +6,24 @@ import os
 import signal
 import threading
 import time
+from typing import Callable
 
 
 class StopRequest:
     """SIGTERM / SIGINT set a flag that the train loop checks between steps (the handler never saves:
-    the loop saves the current step, waits for it, and exits 0). A second SIGINT raises
-    KeyboardInterrupt: the loop stops where it is without saving the current step, but it does not
-    end at once: the loop's cleanup (``CheckpointManager.close``) still waits for saves already
-    started, so none is left half-written, before the KeyboardInterrupt ends the run."""
+    the loop saves the current step, waits for it, and exits 0). A second SIGINT calls
+    ``on_second_interrupt`` (it says so in one line and ends the process at once, abandoning a save
+    in flight, whose tmp folder the next resume removes); without one, it raises KeyboardInterrupt.
+    Ending the process from the handler, rather than raising into whatever the loop or its cleanup
+    is doing (a thread join, a lock held by a library), is what makes the second Ctrl-C certain to
+    end the run."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, on_second_interrupt: Callable[[], None] | None = None):
         self.signal_name: str | None = None
         self.received_at: float | None = None
+        self.on_second_interrupt = on_second_interrupt
         self._previous: dict = {}
 
     @property
@@ -31,8 +35,10 @@ class StopRequest:
         return None if self.received_at is None else time.perf_counter() - self.received_at
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now (started saves are still waited for)
+        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            if self.on_second_interrupt is None:
+                raise KeyboardInterrupt
+            self.on_second_interrupt()
         if not self.requested:
             self.signal_name = signal.Signals(signum).name
             self.received_at = time.perf_counter()

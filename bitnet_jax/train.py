@@ -40,9 +40,10 @@ def read_inputs(cfg: Config) -> RunInputs:
 
 
 def train(cfg: Config, paths: RunPaths, inputs: RunInputs, resume: resume_lib.ResumePlan | None = None,
-          stop_at: int | None = None, run_eval: bool = True) -> dict:
+          stop_at: int | None = None, run_eval: bool = True, on_second_interrupt=None) -> dict:
     """Runs the whole training (or continues ``resume``, up to ``stop_at``); returns a summary (first
-    and last loss, eval loss, throughput, skipped updates, what stopped it)."""
+    and last loss, eval loss, throughput, skipped updates, what stopped it). ``on_second_interrupt``:
+    what a second Ctrl-C does (``signals.StopRequest``)."""
     import jax
 
     from bitnet_jax import sharding, train_state
@@ -90,7 +91,7 @@ def train(cfg: Config, paths: RunPaths, inputs: RunInputs, resume: resume_lib.Re
     if restored:
         resume_lib.load_resumables(resumables, restored.meta)
         ckpt.last_saved = None if resume.target.new_run else start
-    stop = StopRequest().install() if pc == 1 else StopRequest()
+    stop = StopRequest(on_second_interrupt).install() if pc == 1 else StopRequest()
     stops = [lambda step: stop.signal_name,
              lambda step: "a preemption notice (SIGTERM to one of the processes)" if ckpt.reached_preemption(step) else None,
              lambda step: anomalies.halt_reason and "non-finite steps (train.on_nan)"]
@@ -104,11 +105,11 @@ def train(cfg: Config, paths: RunPaths, inputs: RunInputs, resume: resume_lib.Re
                        end_step=stop_at or cfg.train.steps, fetcher=fetcher, hooks=hooks, stops=stops,
                        on_time=lambda step, tag, ms: tb.scalars(step, {tag: ms}))
     finally:
-        stop.uninstall()
         ckpt.close()
         console.close()
         loader.close()
         tb.close()
+        stop.uninstall()  # (after the cleanup: a second Ctrl-C during it still ends the run at once)
     return {"first": console.first, "final_loss": console.last.get("loss"), "skipped": anomalies.skipped,
             "eval_loss": evals.loss if evals else None, "step": end.step, "total_steps": cfg.train.steps,
             "median_step_ms": fetcher.median_step_ms(), "tokens_per_step": cfg.tokens_per_step,

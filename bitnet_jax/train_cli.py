@@ -173,6 +173,17 @@ def interrupted_message(paths: RunPaths | None) -> str:
             f"is step {steps[-1]}: resume with {command('python', 'train.py', '--resume', paths.root)}")
 
 
+def end_at_once(paths: RunPaths, lock: RunLock | None) -> None:
+    """A second Ctrl-C during training: say so, record it and release the run, then end the process
+    without waiting for anything (a save in flight is abandoned; committed checkpoints are whole)."""
+    message = interrupted_message(paths)
+    os.write(2, f"\n{message}\n".encode())  # (a signal handler: no print, whose stream may be mid-write)
+    record_end(paths, "stopped", None, message, 130)
+    if lock:
+        lock.release()
+    os._exit(130)
+
+
 def record_failure(paths: RunPaths | None, fresh: NewRunFolder | None, reason: str, exit_code: int) -> None:
     """A failed run: the folder of a new run whose start failed before its first step, with nothing
     saved, is removed (``run_start.discard_failed_start``: one line says so); else end.json records it."""
@@ -223,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             lock = lock_run(make_run_folder(root), group)
             paths = prepare_run_dir(root, cfg)
             fresh = before  # (only once the lock is held: a refused start must not touch the holder's run)
-        summary = train(cfg, paths, inputs, resume=plan, stop_at=args.stop_at, run_eval=not args.no_eval)
+        summary = train(cfg, paths, inputs, resume=plan, stop_at=args.stop_at, run_eval=not args.no_eval,
+                        on_second_interrupt=lambda: end_at_once(paths, lock))
     except (ConfigError, OSError) as e:  # bad input, or the disk / file system: one line, no traceback
         message = str(e) if isinstance(e, ConfigError) else f"{e} ({type(e).__name__})"
         print(f"error: {message}", file=sys.stderr)

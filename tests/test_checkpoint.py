@@ -540,8 +540,8 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(tmp_path, place
     monkeypatch.setattr(mngr._mngr, "save", disk_full)
     mngr.save(10, state, data_state={"pos": 10})
     mngr._pending.exception()  # wait for the background call to end (it failed)
-    with pytest.raises(rd.CheckpointError, match=r"No space left on device.*stops at step 11\. "
-                                                  r"Complete checkpoints: \[5\]"):
+    with pytest.raises(rd.CheckpointError, match=r"failed: No space left on device\. The run stopped at step 11; "
+                                                  r"complete checkpoints: \[5\]\."):
         mngr.check_background_errors(11)
     mngr.close()
     assert rd.complete_steps(tmp_path) == [5]
