@@ -167,31 +167,29 @@ def unwritable(folder: Path):
         subprocess.run(undo, check=True)
 
 
-@pytest.mark.parametrize("fault", ["full", "unwritable"])
-def test_a_save_that_cannot_be_written_stops_the_run_in_one_line_and_it_resumes_exactly(runs, tmp_path, fault):
+def test_a_save_that_cannot_be_written_stops_the_run_in_one_line_and_it_resumes_exactly(runs, tmp_path):
     reference, template, _ = runs
     run_dir = copy_of(template, tmp_path)
     resume = ("--resume", "latest", "--runs-dir", str(run_dir.parent), "--run-id", run_dir.name, "--no-eval")
-    # The resumed run saves step 12 (its end) and fails. The timeout guards against Orbax's threads,
+    # Each resumed run saves step 12 (its end) and fails. The timeout guards against Orbax's threads,
     # which wait about 300 s for a step folder that was never made.
-    if fault == "full":  # array files of a few MB; the run's other files stay under 512 kB
-        out = run("train.py", *resume, expect=2, file_size_limit=512, timeout=240)
-        cause = "File too large"
-    else:
-        with unwritable(run_dir / "checkpoints"):
-            out = run("train.py", *resume, expect=2, timeout=240)
-        cause = "Operation not permitted" if os.geteuid() == 0 else "Permission denied"
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert [line for line in lines if line.startswith("error:")] == lines[-1:], out.stderr  # once, and last
-    assert lines[-1].startswith(f"error: saving a checkpoint to {run_dir / 'checkpoints'} failed: {cause}")
-    assert f"stopped at step {STEPS}; complete checkpoints: [4, 5, 6, 8]" in lines[-1]
-    assert "Traceback" not in out.stdout + out.stderr and "ERROR:absl" not in out.stderr
+    with unwritable(run_dir / "checkpoints"):
+        folder = run("train.py", *resume, expect=2, timeout=240)
+    # (a file size limit fails the writes as a full disk does: array files of a few MB, the run's
+    # other files under 512 kB)
+    full = run("train.py", *resume, expect=2, file_size_limit=512, timeout=240)
+    for out, cause in ((folder, "Operation not permitted" if os.geteuid() == 0 else "Permission denied"),
+                       (full, "File too large")):
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert [line for line in lines if line.startswith("error:")] == lines[-1:], out.stderr  # once, last
+        assert lines[-1].startswith(f"error: saving a checkpoint to {run_dir / 'checkpoints'} failed: {cause}")
+        assert f"stopped at step {STEPS}; complete checkpoints: [4, 5, 6, 8]" in lines[-1]
+        assert "Traceback" not in out.stdout + out.stderr and "ERROR:absl" not in out.stderr
     end = json.loads((run_dir / "end.json").read_text())
     assert (end["state"], end["exit_code"]) == ("failed", 2)
-    leftovers = list((run_dir / "checkpoints").glob(f"{STEPS}.orbax-checkpoint-tmp*"))
-    if leftovers:  # (a full disk leaves the save it cut off; status names it)
+    if list((run_dir / "checkpoints").glob(f"{STEPS}.orbax-checkpoint-tmp*")):  # the save the limit cut off
         assert "abandoned" in run("status.py", str(run_dir)).stdout
-    # the cause gone, the run goes on from step 8 and ends bit for bit as the uninterrupted one
+    # the causes gone, the run goes on from step 8 and ends bit for bit as the uninterrupted one
     run("train.py", *resume)
     final = stored_arrays(run_dir / "checkpoints" / str(STEPS))
     for name, x in reference.items():
