@@ -48,10 +48,7 @@ def damage_reason(error: BaseException, step_dir: str | Path) -> str | None:
     type: a RuntimeError("RESOURCE_EXHAUSTED ...") stays an out-of-memory error whatever it wraps."""
     if not Path(step_dir).is_dir():
         return None  # the step vanished under us (moved by someone): not damage of its files
-    seen: list[BaseException] = []
-    e: BaseException | None = error
-    while e is not None and all(e is not x for x in seen) and len(seen) < 8:
-        seen.append(e)
+    for e in _chain(error):
         if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
             return f"a JSON file is truncated or corrupt: {first_line(e)}"
         if isinstance(e, FileNotFoundError):
@@ -66,8 +63,17 @@ def damage_reason(error: BaseException, step_dir: str | Path) -> str | None:
             return None
         if type(e) is not Exception:
             return None
-        e = e.__cause__ or e.__context__
     return None
+
+
+def _chain(error: BaseException):
+    """``error``, then the errors it was raised from (``__cause__``, else ``__context__``), at most 8."""
+    seen: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and all(e is not x for x in seen) and len(seen) < 8:
+        seen.append(e)
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def first_line(e: BaseException) -> str:
@@ -80,14 +86,10 @@ def failure_cause(error: BaseException) -> str:
     """A failed write in a few words: the operating system's reason (``No space left on device``,
     ``Operation not permitted: PATH``) where the error or one it wraps names one (tensorstore puts it
     in its message as ``os_error_code``), else the error's first line."""
-    seen: list[BaseException] = []
-    e: BaseException | None = error
-    while e is not None and all(e is not x for x in seen) and len(seen) < 8:
-        seen.append(e)
+    for e in _chain(error):
         if isinstance(e, OSError) and e.strerror:
             return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
         code = re.search(r"os_error_code='(\d+)'", str(e))
         if code:
             return os.strerror(int(code.group(1)))
-        e = e.__cause__ or e.__context__
     return first_line(error)

@@ -161,15 +161,15 @@ def lock_run(run_dir: Path, group) -> RunLock | None:
     return lock
 
 
-def interrupted_message(paths: RunPaths | None) -> str:
-    """What a second Ctrl-C leaves: the step in progress is not saved; where to go on from."""
+def interrupted_message(paths: RunPaths | None, what: str = "a second Ctrl-C") -> str:
+    """What an interrupt (``what``) leaves: the step in progress is not saved; where to go on from."""
     from bitnet_jax.console import command
     from bitnet_jax.run_dir import complete_steps
 
     steps = complete_steps(paths.root) if paths and paths.checkpoints.is_dir() else []
     if not steps:
-        return "interrupted (a second Ctrl-C): stopped without saving; this run has no checkpoint yet"
-    return (f"interrupted (a second Ctrl-C): stopped without saving the current step; the newest checkpoint "
+        return f"interrupted ({what}): stopped without saving; this run has no checkpoint yet"
+    return (f"interrupted ({what}): stopped without saving the current step; the newest checkpoint "
             f"is step {steps[-1]}: resume with {command('python', 'train.py', '--resume', paths.root)}")
 
 
@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         record_failure(paths, fresh, message, 2)
         return 2
-    except KeyboardInterrupt:
-        message = interrupted_message(paths)
+    except KeyboardInterrupt:  # Ctrl-C before training began (its handler saves from the first step on)
+        message = interrupted_message(paths, "Ctrl-C")
         print(f"\n{message}", file=sys.stderr)
         record_end(paths, "stopped", None, message, 130)
         return 130
